@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine with Python 3.11+: `make demo` and `make test`.
+# Each creates .venv and installs what it needs (pinned by constraints.txt) on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN_DIR ?= runs/demo
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip check
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m simulations.demo --run-dir $(RUN_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

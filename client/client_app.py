@@ -1,0 +1,176 @@
+"""The hospital's Flower ClientApp.
+
+Messages it answers (the server drives them in this order):
+- `query.identify`    -> site name and role, and counts (never case ids)
+- `query.fingerprint` -> the site's mergeable fingerprint (aggregate statistics only)
+- `train`             -> local CPS from the global pair; both branches back, with numeric metrics
+- `evaluate`          -> per-phase Dice and HD95 of the global model on the site's labeled volumes
+
+Every reply holds arrays with the global model's keys and numbers; nothing pickled, no voxels.
+In deployment each message starts a fresh process: everything lasting sits in the site's cache
+folder (preprocessed volumes) or in `context.state` (FedBN's local norms).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.evaluation import evaluate_pairs, write_qualitative_png
+from client.site import SiteData, resolve_identity
+from client.trainer import CPSTrainer, TrainerConfig
+from common.fingerprint import FingerprintConfig, compute_site_fingerprint
+from common.planning import plans_hash
+from common.stunet import build_stunet_from_plans
+from common.weights import (
+    flatten,
+    from_arrayrecord,
+    is_norm_parameter,
+    to_arrayrecord,
+    to_torch,
+    unflatten,
+)
+
+app = ClientApp()
+
+LOCAL_NORM_KEY = "local-norm"
+
+
+def _site(context: Context) -> SiteData:
+    return SiteData(resolve_identity(context.node_config, context.run_config))
+
+
+def _log(site: SiteData, text: str) -> None:
+    print(f"[site {site.identity.site}] {text}", flush=True)
+
+
+def _plans(config: ConfigRecord) -> tuple[dict, str]:
+    """The plans sent by the server and the hash this node computes for them."""
+    plans = json.loads(str(config["plans-json"]))
+    return plans, plans_hash(plans)
+
+
+@app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    site = _site(context)
+    for problem in site.index.problems:
+        _log(site, str(problem))
+    counts = MetricRecord(
+        {
+            "cases": len(site.cases),
+            "labeled-volumes": len(site.labeled_pairs()),
+            "unlabeled-volumes": len(site.unlabeled_pairs()),
+            "problems": len(site.index.problems),
+        }
+    )
+    identity = ConfigRecord({"site": site.identity.site, "role": site.identity.role})
+    return Message(RecordDict({"identity": identity, "counts": counts}), reply_to=msg)
+
+
+@app.query("fingerprint")
+def fingerprint(msg: Message, context: Context) -> Message:
+    site = _site(context)
+    started = time.perf_counter()
+    config = FingerprintConfig.from_array(msg.content["fingerprint-config"]["config"].numpy())
+    fp = compute_site_fingerprint(site.fingerprint_pairs(), config)
+    _log(site, f"fingerprint of {len(site.fingerprint_pairs())} volumes in {time.perf_counter() - started:.1f}s")
+    return Message(RecordDict({"fingerprint": ArrayRecord(fp.to_arrays())}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = _site(context)
+    config = msg.content["config"]
+    plans, local_hash = _plans(config)
+    if local_hash != str(config["plans-sha256"]):
+        raise ValueError(f"plans hash mismatch: server {config['plans-sha256']}, node {local_hash}")
+    torch.set_num_threads(max(1, int(config.get("threads", torch.get_num_threads()))))
+
+    volumes = site.training_volumes(plans, include_unlabeled=str(config["mode"]) == "cps")
+    for problem in volumes.problems:
+        _log(site, str(problem))
+    if not volumes.labeled:
+        raise ValueError(f"site {site.identity.site} has no usable labeled volume")
+
+    global_flat = from_arrayrecord(msg.content["arrays"])
+    branches = unflatten(global_flat)
+    local_norm = bool(config.get("local-norm", False))
+    if local_norm and LOCAL_NORM_KEY in context.state:  # FedBN: this site's own norm scale/shift
+        for key, value in from_arrayrecord(context.state[LOCAL_NORM_KEY]).items():
+            branch, _, name = key.partition(".")
+            branches[branch][name] = value
+
+    trainer = CPSTrainer(plans, volumes.labeled, volumes.unlabeled, _trainer_config(config))
+    reference = to_torch(branches)
+    trainer.load_state_dicts(reference)
+    stats = trainer.train(
+        int(config["iterations"]),
+        start_iteration=int(config["start-iteration"]),
+        total_iterations=int(config["total-iterations"]),
+        reference=reference if float(config.get("proximal-mu", 0.0)) > 0 else None,
+        log=lambda line: _log(site, line),
+    )
+    agreement = trainer.branch_agreement(volumes.unlabeled, max_per_phase=int(config.get("agreement-volumes", 2)))
+
+    updated = flatten(trainer.state_dicts())
+    if local_norm:
+        context.state[LOCAL_NORM_KEY] = to_arrayrecord({k: v for k, v in updated.items() if is_norm_parameter(k)})
+    metrics = {
+        "num-labeled": float(len(volumes.labeled)),
+        "num-samples": float(len(volumes.labeled) + len(volumes.unlabeled)),
+        "loss-sup-a": stats.sup_a,
+        "loss-sup-b": stats.sup_b,
+        "loss-cps": stats.cps,
+        "loss-total": stats.total,
+        "seconds-per-iteration": stats.seconds_per_iteration,
+        "peak-memory-mib": stats.peak_memory_mib,
+        **{f"agreement-{phase}": value for phase, value in agreement.items()},
+    }
+    content = RecordDict(
+        {
+            "arrays": to_arrayrecord(updated, fp16=bool(config.get("fp16", False))),
+            "metrics": MetricRecord(metrics),
+            "plans": ConfigRecord({"sha256": local_hash}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def _trainer_config(config: ConfigRecord) -> TrainerConfig:
+    return TrainerConfig(
+        mode=str(config["mode"]),
+        batch_size=int(config["batch-size"]),
+        learning_rate=float(config["learning-rate"]),
+        lambda_max=float(config["cps-lambda-max"]),
+        rampup_iterations=int(config["rampup-iterations"]),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        seed=int(config["seed"]),
+    )
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    site = _site(context)
+    config = msg.content["config"]
+    plans, local_hash = _plans(config)
+    if local_hash != str(config["plans-sha256"]):
+        raise ValueError(f"plans hash mismatch: server {config['plans-sha256']}, node {local_hash}")
+    branches = to_torch(unflatten(from_arrayrecord(msg.content["arrays"])))
+    nets = []
+    for name in ("a", "b"):
+        net = build_stunet_from_plans(plans, deep_supervision=False)
+        net.load_state_dict(branches[name])
+        nets.append(net.eval())
+    started = time.perf_counter()
+    evaluation = evaluate_pairs(nets, plans, site.evaluation_pairs(), log=lambda line: _log(site, line))
+    server_round = int(config.get("server-round", 0))
+    summary = ", ".join(f"{k}={v:.3f}" for k, v in sorted(evaluation.metrics().items()) if k.startswith("dice-"))
+    _log(site, f"round {server_round} evaluation in {time.perf_counter() - started:.1f}s: {summary}")
+    if bool(config.get("qualitative", False)):
+        png = site.identity.output_dir / f"qualitative_{site.identity.site}.png"
+        write_qualitative_png(evaluation, png, f"site {site.identity.site}, round {server_round}")
+    return Message(RecordDict({"metrics": MetricRecord(evaluation.metrics())}), reply_to=msg)

@@ -1,0 +1,340 @@
+"""Local training of a CPS pair of STU-Nets on one site's preprocessed volumes.
+
+Each iteration draws a labeled batch (masked volumes: GED4, or any labeled phase for ATLAS
+pretraining) and, in "cps" mode, an unlabeled batch (unlabeled GED4 and other phases, each volume
+its own single-channel sample). Both nets see both batches in one forward pass each (instance norm
+is per sample, so concatenating is exact) and are updated from
+
+    sup(a) + sup(b) + lambda(t) * [cross(a <- argmax b) + cross(b <- argmax a)] (+ FedProx terms)
+
+with nnU-Net's optimiser (SGD Nesterov 0.99, weight decay 3e-5, poly lr, gradient norm 12).
+`t` is the global iteration (`start_iteration` onwards), so the lambda ramp-up and the learning
+rate continue across federated rounds. "supervised" mode drops the unlabeled batch and the cross
+term (ablation); both nets are still trained so callers see the same interface.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from client.data_loading import (AugmentationParams, Batch, BatchBuilder, Prefetcher, augmentation_params,
+                                 build_training_transforms, deep_supervision_scales)
+from client.losses import CrossPseudoLoss, cps_lambda, poly_lr, proximal_term, supervised_loss
+
+BRANCHES = ("a", "b")
+MODES = ("cps", "supervised")
+
+LogFn = Callable[[str], None]
+
+
+@dataclass
+class TrainerConfig:
+    mode: str = "cps"                          # "cps" | "supervised"
+    batch_size: int = 2                        # labeled samples per iteration
+    unlabeled_batch_size: int | None = None    # unlabeled samples per iteration (None: batch_size)
+    patch_size: tuple[int, int, int] | None = None   # (z, y, x); None: the plans' patch
+    learning_rate: float = 0.01                # lr0 of the poly schedule
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    grad_clip: float = 12.0
+    lambda_max: float = 1.0                    # CPS weight after ramp-up
+    rampup_iterations: int = 0                 # global iterations of the exp(-5(1-t/T)^2) ramp-up
+    rampup: int | None = None                  # alias of rampup_iterations (architecture.md's name)
+    cps_loss: str = "ce"                       # "ce" | "dice_ce"
+    cps_on_labeled: bool = False               # also apply the cross term to the labeled batch
+    proximal_mu: float = 0.0                   # FedProx mu (0: off)
+    oversample_foreground: float = 0.33        # nnU-Net: this fraction of labeled samples centred on liver
+    augment: bool = True                       # nnU-Net's training transforms
+    seed: int = 0                              # net a: seed, net b: seed + 1, data: derived from seed
+    prefetch: int = 2                          # batches prepared in a background thread (0: inline)
+    log_every: int = 10                        # progress line every N iterations (0: only the last)
+    pretrained: str | None = None              # body weights for both nets: checkpoint file or MODEL_DIR
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.rampup is not None:
+            self.rampup_iterations = int(self.rampup)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.cps_loss not in ("ce", "dice_ce"):
+            raise ValueError(f"cps_loss must be 'ce' or 'dice_ce', got {self.cps_loss!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.patch_size is not None:
+            self.patch_size = tuple(int(p) for p in self.patch_size)
+
+
+@dataclass
+class TrainStats:
+    """Means over the iterations of one `train` call (losses are per iteration, before weighting
+    by lambda for `cps`; `total` is what was minimised)."""
+    mode: str
+    iterations: int
+    start_iteration: int
+    total_iterations: int
+    sup_a: float
+    sup_b: float
+    cps: float
+    total: float
+    seconds_per_iteration: float
+    data_wait_per_iteration: float             # time the nets waited for a batch
+    peak_memory_mib: float                     # peak RSS of the process (resource.getrusage)
+    num_labeled: int
+    num_unlabeled: int
+    lambda_last: float
+    lr_last: float
+    history: list[float] = field(default_factory=list, repr=False)   # total loss per iteration
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("history")
+        return out
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _build_net(plans: dict, seed: int) -> nn.Module:
+    """A deep-supervision STU-Net from the plans, initialised from `seed` without touching global RNG."""
+    from common.stunet import build_stunet_from_plans
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_stunet_from_plans(plans, num_classes=2, deep_supervision=True)
+
+
+def load_initial_weights(net: nn.Module, path: str | Path) -> str:
+    """Body weights (not the heads) from a checkpoint file (.pth/.model/.safetensors) or a MODEL_DIR
+    (its branch "a"); returns a one-line summary. Heads keep their own initialisation, so the two
+    CPS branches still start apart."""
+    from common.pretrained import HEAD_PREFIX, load_pretrained
+
+    path = Path(path)
+    if not path.is_dir():
+        return load_pretrained(net, path).summary()
+    from common.model_dir import load_model_dir
+
+    bundle = load_model_dir(path)
+    if "a" not in bundle.branches:
+        raise ValueError(f"{path}: MODEL_DIR has no branch 'a'")
+    body = {k: v for k, v in bundle.branches["a"].items() if not k.startswith(HEAD_PREFIX)}
+    result = net.load_state_dict(body, strict=False)  # shape mismatches raise here
+    missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIX)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path}: MODEL_DIR branch 'a' does not fit this STU-Net "
+                         f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
+    return f"{path}: loaded {len(body)} body tensors of branch 'a'"
+
+
+class CPSTrainer:
+    """Two STU-Nets ("a", "b") trained with cross pseudo supervision; see the module docstring."""
+
+    def __init__(self, plans: dict, labeled: Sequence, unlabeled: Sequence, config: TrainerConfig | None = None,
+                 *, log: LogFn | None = None):
+        self.plans = plans
+        self.config = config = config or TrainerConfig()
+        self.log = log or print
+        self.device = torch.device(config.device)
+        self.labeled = list(labeled)
+        self.unlabeled = list(unlabeled) if config.mode == "cps" else []
+        if not self.labeled and not self.unlabeled:
+            raise ValueError("CPSTrainer: no training volumes (supervised mode needs labeled ones)")
+
+        self.nets: dict[str, nn.Module] = {b: _build_net(plans, config.seed + i).to(self.device)
+                                          for i, b in enumerate(BRANCHES)}
+        if config.pretrained:
+            for net in self.nets.values():
+                summary = load_initial_weights(net, config.pretrained)
+            self.log(f"initial weights: {summary}")
+        self.optimizers = {b: torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=config.momentum,
+                                              weight_decay=config.weight_decay, nesterov=True)
+                           for b, net in self.nets.items()}
+
+        conf = plans["configurations"]["3d_fullres"]
+        patch = config.patch_size or tuple(int(p) for p in conf["patch_size"])
+        net_a = self.nets["a"]
+        if any(p % d for p, d in zip(patch, net_a.divisor)):
+            raise ValueError(f"patch {patch} (z, y, x) is not divisible by the network's {net_a.divisor}")
+        self.params: AugmentationParams = augmentation_params(patch)
+        strides = [[1, 1, 1]] + [list(s) for s in net_a.strides]
+        self.ds_scales = deep_supervision_scales(strides, num_outputs=5)
+        batch_dice = bool(conf.get("batch_dice", False))
+        self.sup_loss = supervised_loss(len(self.ds_scales), batch_dice)
+        self.cross_loss = CrossPseudoLoss(config.cps_loss, len(self.ds_scales), batch_dice)
+
+        seeds = np.random.SeedSequence(config.seed).spawn(2)
+        self._labeled_builder = self._unlabeled_builder = None
+        if self.labeled:
+            self._labeled_builder = BatchBuilder(
+                self.labeled, config.batch_size, self.params, build_training_transforms(self.params, self.ds_scales),
+                labeled=True, seed=int(seeds[0].generate_state(1)[0]),
+                oversample_foreground=config.oversample_foreground, augment=config.augment)
+        if self.unlabeled:
+            # Same pipeline; the all-zero segmentation is dropped, so no deep-supervision downsampling.
+            self._unlabeled_builder = BatchBuilder(
+                self.unlabeled, config.unlabeled_batch_size or config.batch_size, self.params,
+                build_training_transforms(self.params, None), labeled=False,
+                seed=int(seeds[1].generate_state(1)[0]), augment=config.augment)
+
+    # ----------------------------------------------------------------------------------------- weights
+    def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{"a": ..., "b": ...}: CPU copies, safe to keep while training goes on."""
+        return {b: {k: v.detach().to("cpu").clone() for k, v in net.state_dict().items()}
+                for b, net in self.nets.items()}
+
+    def load_state_dicts(self, branches: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Load both branches (strict). Optimiser momentum is kept, as in a continuing nnU-Net run."""
+        missing = [b for b in BRANCHES if b not in branches]
+        if missing:
+            raise KeyError(f"load_state_dicts: missing branch(es) {missing}")
+        for b, net in self.nets.items():
+            net.load_state_dict({k: torch.as_tensor(v) for k, v in branches[b].items()}, strict=True)
+
+    # ----------------------------------------------------------------------------------------- training
+    def _next_batches(self) -> tuple[Batch | None, Batch | None]:
+        lb = self._labeled_builder.next_batch() if self._labeled_builder is not None else None
+        ub = self._unlabeled_builder.next_batch() if self._unlabeled_builder is not None else None
+        return lb, ub
+
+    def _step(self, lb: Batch | None, ub: Batch | None, lam: float, lr: float,
+              reference: Mapping[str, Mapping[str, torch.Tensor]] | None) -> dict[str, float]:
+        cfg = self.config
+        parts = [b.data for b in (lb, ub) if b is not None]
+        x = torch.cat(parts).to(self.device, non_blocking=True) if len(parts) > 1 else parts[0].to(self.device)
+        n_lab = lb.data.shape[0] if lb is not None else 0
+        outputs = {b: net(x) for b, net in self.nets.items()}
+
+        zero = x.new_zeros(())
+        sup = {b: zero for b in BRANCHES}
+        if lb is not None:
+            target = [t.to(self.device, non_blocking=True) for t in lb.target]
+            sup = {b: self.sup_loss([o[:n_lab] for o in outputs[b]], target) for b in BRANCHES}
+        cps = zero
+        if cfg.mode == "cps":
+            start = 0 if cfg.cps_on_labeled else n_lab
+            if start < x.shape[0]:
+                out_a = [o[start:] for o in outputs["a"]]
+                out_b = [o[start:] for o in outputs["b"]]
+                cps = self.cross_loss(out_a, out_b) + self.cross_loss(out_b, out_a)
+        total = sup["a"] + sup["b"] + lam * cps
+        if cfg.proximal_mu > 0 and reference is not None:
+            total = total + sum(proximal_term(self.nets[b], reference[b], cfg.proximal_mu) for b in BRANCHES)
+
+        for b in BRANCHES:
+            for group in self.optimizers[b].param_groups:
+                group["lr"] = lr
+            self.optimizers[b].zero_grad(set_to_none=True)
+        total.backward()
+        for b in BRANCHES:
+            torch.nn.utils.clip_grad_norm_(self.nets[b].parameters(), cfg.grad_clip)
+            self.optimizers[b].step()
+        return {"sup_a": float(sup["a"].detach()), "sup_b": float(sup["b"].detach()),
+                "cps": float(cps.detach()), "total": float(total.detach())}
+
+    def train(self, iterations: int, *, start_iteration: int = 0, total_iterations: int | None = None,
+              reference: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+              log: LogFn | None = None) -> TrainStats:
+        """Run `iterations` steps at global iterations start_iteration .. start_iteration + iterations - 1.
+
+        total_iterations: the poly schedule's horizon (default: start_iteration + iterations).
+        reference: FedProx anchor {"a": state dict, "b": state dict} (the global weights of this
+        round); with proximal_mu > 0 and no reference, the weights at the start of this call.
+        """
+        cfg = self.config
+        log = log or self.log
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        total_iterations = total_iterations or start_iteration + iterations
+        if cfg.proximal_mu > 0 and reference is None:
+            reference = self.state_dicts()
+        if reference is not None and cfg.proximal_mu > 0:
+            reference = {b: {k: torch.as_tensor(v).to(self.device) for k, v in reference[b].items()}
+                         for b in BRANCHES}
+        for net in self.nets.values():
+            net.train()
+
+        sums: dict[str, float] = defaultdict(float)
+        history: list[float] = []
+        lam = lr = 0.0
+        wait = 0.0
+        started = time.perf_counter()
+        # Exactly `iterations` batches are produced, so the data stream does not depend on timing.
+        with Prefetcher(self._next_batches, depth=cfg.prefetch, limit=iterations) as batches:
+            for i in range(iterations):
+                t = start_iteration + i
+                lam = cps_lambda(t, cfg.lambda_max, cfg.rampup_iterations) if cfg.mode == "cps" else 0.0
+                lr = poly_lr(cfg.learning_rate, t, total_iterations)
+                waited = time.perf_counter()
+                lb, ub = batches.get()
+                wait += time.perf_counter() - waited
+                losses = self._step(lb, ub, lam, lr, reference)
+                if not math.isfinite(losses["total"]):
+                    raise FloatingPointError(f"loss is {losses['total']} at iteration {t}")
+                for k, v in losses.items():
+                    sums[k] += v
+                history.append(losses["total"])
+                done = i + 1
+                if done == iterations or (cfg.log_every > 0 and done % cfg.log_every == 0):
+                    elapsed = time.perf_counter() - started
+                    log(f"it {done}/{iterations} (global {t + 1}/{total_iterations}) | "
+                        f"sup_a {sums['sup_a'] / done:.4f} sup_b {sums['sup_b'] / done:.4f} "
+                        f"cps {sums['cps'] / done:.4f} total {sums['total'] / done:.4f} | "
+                        f"lambda {lam:.3f} lr {lr:.2e} | {elapsed / done:.2f} s/it "
+                        f"(data wait {wait / done:.2f}) | peak {peak_rss_mib():.0f} MiB")
+        elapsed = time.perf_counter() - started
+        return TrainStats(
+            mode=cfg.mode, iterations=iterations, start_iteration=start_iteration,
+            total_iterations=total_iterations,
+            sup_a=sums["sup_a"] / iterations, sup_b=sums["sup_b"] / iterations, cps=sums["cps"] / iterations,
+            total=sums["total"] / iterations, seconds_per_iteration=elapsed / iterations,
+            data_wait_per_iteration=wait / iterations, peak_memory_mib=peak_rss_mib(),
+            num_labeled=len(self.labeled), num_unlabeled=len(self.unlabeled),
+            lambda_last=lam, lr_last=lr, history=history,
+        )
+
+    # ----------------------------------------------------------------------------------------- signals
+    def branch_agreement(self, volumes: Mapping[str, Sequence] | Sequence, max_per_phase: int = 2,
+                         *, step: float = 0.5) -> dict[str, float]:
+        """Mean Dice between the two branches' argmax per phase: the label-free quality signal.
+
+        volumes: PreprocessedVolume objects (grouped by `.phase`) or a mapping phase -> volumes; the
+        first `max_per_phase` per phase (by case id) are predicted with a sliding window, one net each.
+        """
+        from common.inference import sliding_window_predict
+        from common.metrics import dice
+
+        if isinstance(volumes, Mapping):
+            groups = {phase: list(vs) for phase, vs in volumes.items()}
+        else:
+            groups: dict[str, list] = defaultdict(list)
+            for v in volumes:
+                groups[v.phase].append(v)
+        patch = self.params.patch_size
+        result: dict[str, float] = {}
+        for phase in sorted(groups):
+            chosen = sorted(groups[phase], key=lambda v: v.case_id)[:max(0, max_per_phase)]
+            scores = []
+            for volume in chosen:
+                data, _, _ = volume.load(mmap=True)
+                data = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+                pred = {b: sliding_window_predict(self.nets[b], data, patch, step=step).argmax(0).numpy()
+                        for b in BRANCHES}
+                scores.append(dice(pred["a"], pred["b"]))
+            if scores:
+                result[phase] = float(np.mean(scores))
+        return result
+
+
+__all__ = ["TrainerConfig", "TrainStats", "CPSTrainer", "load_initial_weights", "peak_rss_mib"]

@@ -1,0 +1,300 @@
+"""Finding a site's cases on disk (LiQA or nnU-Net raw layout) and validating their files.
+
+Layouts `index_dataset` understands:
+- LiQA: `<root>/Vendor_<X>/<case>/<PHASE>.nii.gz` and `mask_<PHASE>.nii.gz`, case folders named
+  `0001-A-S2` (fibrosis stage 2) or `0001-A` (validation style, no stage); `root` may also be a
+  single `Vendor_<X>` folder. The center is the `<X>` of the Vendor folder.
+- nnU-Net raw: `imagesTr/<case>_<CCCC>.nii.gz`, `labelsTr/<case>.nii.gz`, `dataset.json`; also ATLAS
+  naming `imagesTr/im<N>.nii.gz` with `labelsTr/lb<N>.nii.gz`. Channel `CCCC`'s name in
+  `channel_names` is its phase when it names one (T1WI, T2WI and DWI are read as T1, T2, DWI_800);
+  any other name (e.g. "MRI") is taken as the labeled phase GED4. One label file serves every
+  channel of its case. `imagesTs/` is not indexed. Without a dataset.json: one channel (GED4),
+  labels {0, 1}, or {0, 1 liver, 2 tumor} with ATLAS naming.
+
+Label rule: the classes here are background and liver, so every non-background label of
+dataset.json whose name contains "liver", "tumor"/"tumour" or "lesion" counts as liver
+(`Case.foreground_labels`; ATLAS gives (1, 2)). Other declared labels may occur in masks and count
+as background. Hidden files (".DS_Store") are skipped silently; any other unknown file is a problem.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from common.phases import LABELED_PHASE, PHASES
+from common.validation import Problem, ValidationConfig, ValidationError, validate_case
+
+__all__ = [
+    "Case", "CaseIndex", "Problem", "index_dataset", "detect_layout", "liver_labels", "phase_for_channel",
+]
+
+VENDOR_PREFIX = "Vendor_"
+LIVER_LABEL_WORDS: tuple[str, ...] = ("liver", "tumor", "tumour", "lesion")
+_ENDINGS = (".nii.gz", ".nii")
+_STAGE = re.compile(r"-S(\d+)$")
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+_ATLAS_IMAGE = re.compile(r"^im(?P<n>\d+)$")
+_PHASE_ALIASES = {"T1WI": "T1", "T2WI": "T2", "DWI": "DWI_800", "DWI800": "DWI_800"}
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str  # "0001-A-S2", "0001-A", "im3"
+    center: str  # "A", "B1", ... ("" when the layout has none)
+    stage: int | None  # fibrosis stage when the name carries it
+    images: Mapping[str, Path]  # phase -> image file (valid files only), in PHASES order
+    masks: Mapping[str, Path]  # phase -> mask file (valid files only)
+    foreground_labels: tuple[int, ...] = (1,)  # label values that mean liver (ATLAS: (1, 2))
+
+    def __post_init__(self) -> None:
+        # Own plain dicts (picklable, detached from the caller's), phases in report order.
+        order = {p: i for i, p in enumerate(PHASES)}
+        for name in ("images", "masks"):
+            items = sorted(getattr(self, name).items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+            object.__setattr__(self, name, {k: Path(v) for k, v in items})
+        object.__setattr__(self, "foreground_labels", tuple(int(v) for v in self.foreground_labels))
+
+    def __hash__(self) -> int:
+        return hash((self.case_id, self.center, self.stage, tuple(self.images.items()),
+                     tuple(self.masks.items()), self.foreground_labels))
+
+    @property
+    def labeled(self) -> bool:
+        return bool(self.masks)
+
+
+@dataclass
+class CaseIndex:
+    root: Path
+    layout: str  # "liqa" | "nnunet"
+    cases: list[Case]
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def centers(self) -> list[str]:
+        return sorted({c.center for c in self.cases})
+
+    def summary(self) -> str:
+        """Per center: cases, labeled cases, images and masks per phase, stages; then problems."""
+        name = {"liqa": "LiQA", "nnunet": "nnU-Net raw"}.get(self.layout, self.layout)
+        labeled = sum(c.labeled for c in self.cases)
+        lines = [f"{name} layout at {self.root}: {len(self.centers)} center(s), "
+                 f"{len(self.cases)} cases ({labeled} labeled)"]
+        for center in self.centers:
+            cases = [c for c in self.cases if c.center == center]
+            images = Counter(p for c in cases for p in c.images)
+            masks = Counter(p for c in cases for p in c.masks)
+            stages = Counter(c.stage for c in cases)
+            stage_text = ", ".join(f"S{s} {stages[s]}" for s in sorted(s for s in stages if s is not None))
+            if stages[None]:
+                stage_text += (", " if stage_text else "") + f"unknown {stages[None]}"
+            lines += [f"center {center or '(none)'}: {len(cases)} cases, {sum(c.labeled for c in cases)} labeled",
+                      f"  stages: {stage_text}",
+                      f"  {'phase':<8} {'images':>6} {'masks':>6}"]
+            phases = [p for p in PHASES if p in images] + sorted(set(images) - set(PHASES))
+            lines += [f"  {p:<8} {images[p]:>6} {masks[p]:>6}" for p in phases]
+        lines.append(f"{len(self.problems)} problem{'' if len(self.problems) == 1 else 's'}")
+        lines += [str(p) for p in self.problems]
+        return "\n".join(lines)
+
+
+def detect_layout(root: Path) -> str:
+    """"liqa" or "nnunet"; raises `ValidationError` for a folder that is neither."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValidationError(root, "no such folder" if not root.exists() else "not a folder")
+    if root.name.startswith(VENDOR_PREFIX) or any(
+        d.is_dir() and d.name.startswith(VENDOR_PREFIX) for d in root.iterdir()
+    ):
+        return "liqa"
+    if (root / "imagesTr").is_dir() or (root / "dataset.json").is_file():
+        return "nnunet"
+    raise ValidationError(root, "not a dataset: expected Vendor_<X>/ folders, a Vendor_<X> folder, "
+                                "or an nnU-Net raw dataset (imagesTr/, labelsTr/, dataset.json)")
+
+
+def phase_for_channel(name: str) -> str:
+    """The LiQA phase a dataset.json channel name stands for (unknown names: the labeled phase)."""
+    key = str(name).strip().upper()
+    if key in PHASES:
+        return key
+    return _PHASE_ALIASES.get(key.replace("-", "").replace(" ", ""), LABELED_PHASE)
+
+
+def liver_labels(labels: Mapping[str, int | Sequence[int]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(foreground labels, all declared labels) of a dataset.json `labels` block.
+
+    Region-based entries (lists of values) are flattened. Foreground: non-zero values of labels
+    whose name contains one of `LIVER_LABEL_WORDS`; empty when none does.
+    """
+    foreground, declared = set(), {0}
+    for name, value in labels.items():
+        values = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        declared.update(values)
+        if any(word in name.lower() for word in LIVER_LABEL_WORDS):
+            foreground.update(v for v in values if v != 0)
+    return tuple(sorted(foreground)), tuple(sorted(declared))
+
+
+def _nifti_stem(name: str, endings: Sequence[str] = _ENDINGS) -> str | None:
+    for ending in endings:
+        if name.endswith(ending) and len(name) > len(ending):
+            return name[: -len(ending)]
+    return None
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _liqa_case(case_dir: Path, center: str, problems: list[Problem]) -> Case | None:
+    found: dict[str, dict[str, Path]] = {"image": {}, "mask": {}}
+    for f in _visible(case_dir):
+        stem = _nifti_stem(f.name) if f.is_file() else None
+        kind, phase = ("mask", stem[5:]) if stem and stem.startswith("mask_") else ("image", stem)
+        if phase not in PHASES:
+            problems.append(Problem(f, "unexpected file (ignored)"))
+        elif phase in found[kind]:
+            problems.append(Problem(f, f"second {kind} for {phase} (ignored; using {found[kind][phase].name})"))
+        else:
+            found[kind][phase] = f
+    images, masks = found["image"], found["mask"]
+    for phase, mask in masks.items():
+        if phase not in images:
+            problems.append(Problem(mask, f"mask without its image {phase}.nii.gz (ignored)"))
+    if not images:
+        problems.append(Problem(case_dir, f"case {case_dir.name} dropped: no phase image"))
+        return None
+    stage = _STAGE.search(case_dir.name)
+    return Case(case_id=case_dir.name, center=center, stage=int(stage.group(1)) if stage else None,
+                images=images, masks={p: m for p, m in masks.items() if p in images})
+
+
+def _discover_liqa(root: Path, centers: Sequence[str] | None, problems: list[Problem]) -> list[Case]:
+    if root.name.startswith(VENDOR_PREFIX):
+        vendors = [root]
+    else:
+        vendors = [d for d in _visible(root) if d.is_dir() and d.name.startswith(VENDOR_PREFIX)]
+    by_center = {d.name[len(VENDOR_PREFIX):]: d for d in vendors}
+    if centers is not None:
+        problems += [Problem(root, f"no {VENDOR_PREFIX}{c} folder") for c in centers if c not in by_center]
+        by_center = {c: d for c, d in by_center.items() if c in centers}
+    cases = []
+    for center, vendor in sorted(by_center.items()):
+        for entry in _visible(vendor):
+            if not entry.is_dir():
+                problems.append(Problem(entry, "unexpected file (cases are folders)"))
+            elif case := _liqa_case(entry, center, problems):
+                cases.append(case)
+    return cases
+
+
+def _read_dataset_json(root: Path, problems: list[Problem]) -> dict:
+    path = root / "dataset.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        return meta
+    except (ValueError, UnicodeDecodeError) as e:
+        problems.append(Problem(path, f"cannot read: {e} (using defaults)"))
+        return {}
+
+
+def _discover_nnunet(root: Path, problems: list[Problem]) -> tuple[list[Case], tuple[int, ...]]:
+    """Cases of an nnU-Net raw dataset and the declared label values."""
+    meta = _read_dataset_json(root, problems)
+    ending = str(meta.get("file_ending", ".nii.gz"))
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        problems.append(Problem(images_dir, "no such folder"))
+        return [], (0, 1)
+    image_files = [f for f in _visible(images_dir)]
+    atlas = any(_ATLAS_IMAGE.match(_nifti_stem(f.name, [ending]) or "") for f in image_files)
+
+    channels = meta.get("channel_names") or meta.get("modality") or {"0": LABELED_PHASE}
+    phase_of: dict[int, str] = {}
+    for key, name in sorted(channels.items(), key=lambda kv: str(kv[0]).zfill(4)):
+        if not str(key).isdigit():
+            problems.append(Problem(root / "dataset.json", f"channel key {key!r} is not a number (ignored)"))
+            continue
+        phase = phase_for_channel(name)
+        if phase in phase_of.values():
+            problems.append(Problem(root / "dataset.json", f"channel {key} ({name}) repeats phase {phase} (ignored)"))
+        else:
+            phase_of[int(key)] = phase
+
+    default_labels = {"background": 0, "liver": 1, **({"tumor": 2} if atlas else {})}
+    try:
+        foreground, declared = liver_labels(meta.get("labels") or default_labels)
+    except (TypeError, ValueError, AttributeError):
+        problems.append(Problem(root / "dataset.json", "labels are not name -> value (using liver = 1)"))
+        foreground, declared = (1,), (0, 1)
+    if not foreground:
+        problems.append(Problem(root / "dataset.json",
+                                f"no label named {'/'.join(LIVER_LABEL_WORDS)} (taking 1 as liver)"))
+        foreground, declared = (1,), tuple(sorted({*declared, 1}))
+
+    grouped: dict[str, dict[str, Path]] = {}
+    for f in image_files:
+        stem = _nifti_stem(f.name, [ending]) if f.is_file() else None
+        match = _CHANNEL.match(stem or "")
+        case_id, channel = (match["case"], int(match["channel"])) if match else (stem, 0)
+        if stem is None or channel not in phase_of:
+            problems.append(Problem(f, "unexpected file (ignored)"))
+        else:
+            grouped.setdefault(case_id, {})[phase_of[channel]] = f
+
+    labels = {f.name: f for f in _visible(labels_dir)} if labels_dir.is_dir() else {}
+    cases, used = [], set()
+    for case_id, images in sorted(grouped.items()):
+        names = [case_id + ending]
+        if atlas_match := _ATLAS_IMAGE.match(case_id):
+            names.append(f"lb{atlas_match['n']}{ending}")
+        label = next((labels[n] for n in names if n in labels), None)
+        used.update(n for n in names if n in labels)
+        cases.append(Case(case_id=case_id, center="", stage=None, images=images,
+                          masks={p: label for p in images} if label else {}, foreground_labels=foreground))
+    for name in sorted(set(labels) - used):
+        problems.append(Problem(labels[name], "mask without its image (ignored)"))
+    return cases, declared
+
+
+def index_dataset(
+    root: Path,
+    *,
+    centers: Sequence[str] | None = None,
+    validate: bool = True,
+    config: ValidationConfig | None = None,
+) -> CaseIndex:
+    """Find the cases under `root` and, with `validate`, keep only files that pass validation.
+
+    `validate=False` only walks folders (no file is opened), for callers that validated before.
+    `centers` keeps only those LiQA centers. Raises `ValidationError` when `root` is no dataset.
+    """
+    root = Path(root)
+    layout = detect_layout(root)
+    problems: list[Problem] = []
+    if layout == "liqa":
+        found, declared = _discover_liqa(root, centers, problems), (0, 1)
+    else:
+        found, declared = _discover_nnunet(root, problems)
+        if centers:
+            problems.append(Problem(root, f"nnU-Net raw layout has no centers (filter {','.join(centers)} ignored)"))
+    if not validate:
+        return CaseIndex(root, layout, found, problems)
+    config = config or ValidationConfig()
+    cases = []
+    for case in found:
+        kept, case_problems = validate_case(case, config, allowed_labels=declared)
+        problems += case_problems
+        if kept is not None:
+            cases.append(kept)
+    return CaseIndex(root, layout, cases, problems)

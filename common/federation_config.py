@@ -1,0 +1,117 @@
+"""The run configuration of a federation, read from Flower's run config (pyproject `[tool.flwr.app.config]`).
+
+Both apps read it: the ServerApp for the schedule and aggregation, the ClientApp for its local
+trainer, so it lives in `common`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+ROLES = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class SiteAssignment:
+    """A hospital and what it does in the federation."""
+
+    site: str
+    role: str  # "train" (local CPS, sends updates) or "eval" (held out: evaluates only)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"site {self.site}: role must be one of {ROLES}, got {self.role!r}")
+
+
+def parse_sites(text: str) -> list[SiteAssignment]:
+    """`"A:train,B1:train,C:eval"` -> assignments, in partition-id order."""
+    assignments = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        site, _, role = item.partition(":")
+        assignments.append(SiteAssignment(site.strip(), (role or "train").strip()))
+    if len({a.site for a in assignments}) != len(assignments):
+        raise ValueError(f"sites repeat in {text!r}")
+    return assignments
+
+
+def parse_patch(text: str) -> tuple[int, int, int]:
+    values = tuple(int(v) for v in str(text).replace("x", ",").split(","))
+    if len(values) != 3:
+        raise ValueError(f"patch size needs 3 values (z,y,x), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    data_root: Path | None
+    run_dir: Path
+    sites: tuple[SiteAssignment, ...]
+    num_rounds: int = 5
+    local_iterations: int = 60
+    evaluate_every: int = 1
+    net_size: str = "T"
+    patch_size: tuple[int, int, int] = (32, 64, 64)
+    batch_size: int = 2
+    learning_rate: float = 0.01
+    mode: str = "cps"
+    cps_lambda_max: float = 1.0
+    cps_rampup_rounds: int = 2
+    weighted_by: str = "labeled"
+    proximal_mu: float = 0.0
+    server_momentum: float = 0.0
+    local_norm: bool = False
+    fp16_transport: bool = False
+    min_train_nodes: int = 1
+    round_timeout_s: float = 3600.0
+    node_wait_s: float = 300.0
+    init_weights: str = ""
+    seed: int = 0
+
+    @property
+    def total_iterations(self) -> int:
+        return self.num_rounds * self.local_iterations
+
+    @property
+    def rampup_iterations(self) -> int:
+        return self.cps_rampup_rounds * self.local_iterations
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> FederationConfig:
+        def get(key: str, default: object) -> object:
+            return run_config.get(key, default)
+
+        data_root = str(get("data-root", ""))
+        run_dir = str(get("run-dir", "")) or "runs/federation"
+        weighted_by = str(get("weighted-by", "labeled"))
+        if weighted_by not in ("labeled", "samples", "uniform"):
+            raise ValueError(f"weighted-by must be labeled, samples or uniform, got {weighted_by!r}")
+        mode = str(get("mode", "cps"))
+        if mode not in ("cps", "supervised"):
+            raise ValueError(f"mode must be cps or supervised, got {mode!r}")
+        return cls(
+            data_root=Path(data_root).resolve() if data_root else None,
+            run_dir=Path(run_dir).resolve(),
+            sites=tuple(parse_sites(str(get("sites", "")))),
+            num_rounds=int(get("num-server-rounds", 5)),
+            local_iterations=int(get("local-iterations", 60)),
+            evaluate_every=max(1, int(get("evaluate-every", 1))),
+            net_size=str(get("net-size", "T")),
+            patch_size=parse_patch(str(get("patch-size", "32,64,64"))),
+            batch_size=int(get("batch-size", 2)),
+            learning_rate=float(get("learning-rate", 0.01)),
+            mode=mode,
+            cps_lambda_max=float(get("cps-lambda-max", 1.0)),
+            cps_rampup_rounds=int(get("cps-rampup-rounds", 2)),
+            weighted_by=weighted_by,
+            proximal_mu=float(get("proximal-mu", 0.0)),
+            server_momentum=float(get("server-momentum", 0.0)),
+            local_norm=bool(get("local-norm", False)),
+            fp16_transport=bool(get("fp16-transport", False)),
+            min_train_nodes=int(get("min-train-nodes", 1)),
+            round_timeout_s=float(get("round-timeout", 3600.0)),
+            node_wait_s=float(get("node-wait", 300.0)),
+            init_weights=str(get("init-weights", "")),
+            seed=int(get("seed", 0)),
+        )

@@ -1,0 +1,252 @@
+"""Validation of site files before anything uses them: one clear line per problem.
+
+Rules (each file is read once with SimpleITK, header first, voxels only when the header is sound):
+- image: readable NIfTI, 3D, one value per voxel, finite values, not all zero.
+- mask: the same (all-zero is allowed: a phase may show no liver), its values a subset of the
+  declared labels (LiQA: {0, 1}; nnU-Net raw: every label in dataset.json), and the geometry of
+  its image (size exact; spacing, origin, direction within `ValidationConfig` tolerances).
+
+Consequences (`validate_case`): a bad image skips its phase and that phase's mask; a bad mask
+skips only the mask and the image stays usable as unlabeled; a case without a valid image is
+dropped. Every problem line says which of these happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+import SimpleITK as sitk
+
+from common.nifti import Geometry, ImageReadError, geometry_differences, read_image_checked, read_info
+
+if TYPE_CHECKING:  # discovery imports this module; the import is for type hints only
+    from common.discovery import Case
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A problem with one input file (re-exported as `common.discovery.Problem`)."""
+
+    path: Path
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class ValidationError(ValueError):
+    """Raised by the `validate_*` functions; `str()` is the one line `path: message`."""
+
+    def __init__(self, path: Path | str, message: str):
+        self.problem = Problem(Path(path), message)
+        super().__init__(str(self.problem))
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    spacing_rtol: float = 1e-3  # relative, per axis
+    origin_atol_mm: float = 1e-2  # millimetres, per axis
+    direction_atol: float = 1e-3  # per direction cosine
+    max_listed_values: int = 8  # how many distinct values a "not binary" line lists
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """What one read of a file found; `geometry` is None when the file could not be read."""
+
+    path: Path
+    geometry: Geometry | None
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _format_values(values: np.ndarray, limit: int) -> str:
+    shown = [str(int(v)) if float(v).is_integer() else f"{float(v):g}" for v in values[:limit]]
+    more = f", ... ({len(values)} values)" if len(values) > limit else ""
+    return "{" + ", ".join(shown) + more + "}"
+
+
+def _read(path: Path) -> tuple[FileCheck | None, Geometry | None, sitk.Image | None]:
+    """Read once; on a refused file return its FileCheck, else the geometry and the image."""
+    try:
+        info, image = read_image_checked(path, dimension=3)
+    except ImageReadError as e:
+        return FileCheck(path, None, (f"cannot read: {e.reason}",)), None, None
+    g = info.geometry
+    if image is None:
+        if g.dimension != 3:
+            msg = f"expected a 3D image, got {g.dimension}D (shape {g.size})"
+        else:
+            msg = f"expected one value per voxel, got {info.components}"
+        return FileCheck(path, g, (msg,)), None, None
+    return None, g, image
+
+
+def _non_finite(voxels: np.ndarray) -> int:
+    if not np.issubdtype(voxels.dtype, np.floating):
+        return 0
+    return int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
+
+
+def inspect_image(path: Path | str, config: ValidationConfig = ValidationConfig()) -> FileCheck:
+    """Check an image file: readable, 3D scalar, finite, not all zero."""
+    path = Path(path)
+    refused, geometry, image = _read(path)
+    if refused is not None:
+        return refused
+    # A copy-free view: valid only while `image` lives, which it does to the end of this function.
+    voxels = sitk.GetArrayViewFromImage(image)
+    problems = []
+    if bad := _non_finite(voxels):
+        problems.append(f"contains {bad} NaN/Inf voxels")
+    elif not np.any(voxels):
+        problems.append("image is empty (all voxels are 0)")
+    return FileCheck(path, geometry, tuple(problems))
+
+
+def inspect_mask(
+    path: Path | str,
+    allowed_labels: Iterable[int] = (0, 1),
+    config: ValidationConfig = ValidationConfig(),
+) -> FileCheck:
+    """Check a mask file on its own: readable, 3D scalar, finite, values within `allowed_labels`."""
+    path = Path(path)
+    refused, geometry, image = _read(path)
+    if refused is not None:
+        return refused
+    # A copy-free view: valid only while `image` lives, which it does to the end of this function.
+    voxels = sitk.GetArrayViewFromImage(image)
+    if bad := _non_finite(voxels):
+        return FileCheck(path, geometry, (f"contains {bad} NaN/Inf voxels",))
+    allowed = {0, *(int(v) for v in allowed_labels)}
+    values = np.unique(voxels)
+    if any(float(v) not in allowed for v in values):
+        shown = _format_values(values, config.max_listed_values)
+        if allowed == {0, 1}:
+            msg = f"mask is not binary: values {shown}"
+        else:
+            msg = f"mask has values outside the declared labels {sorted(allowed)}: values {shown}"
+        return FileCheck(path, geometry, (msg,))
+    return FileCheck(path, geometry, ())
+
+
+def mask_geometry_problems(
+    mask: Geometry, image: Geometry, image_name: str, config: ValidationConfig = ValidationConfig()
+) -> list[str]:
+    """`["mask geometry differs from GED4.nii.gz: size (mask) vs (image); ..."]`, or []."""
+    diffs = geometry_differences(
+        mask,
+        image,
+        spacing_rtol=config.spacing_rtol,
+        origin_atol_mm=config.origin_atol_mm,
+        direction_atol=config.direction_atol,
+    )
+    return [f"mask geometry differs from {image_name}: " + "; ".join(diffs)] if diffs else []
+
+
+def check_image(path: Path | str, config: ValidationConfig = ValidationConfig()) -> list[Problem]:
+    check = inspect_image(path, config)
+    return [Problem(check.path, m) for m in check.problems]
+
+
+def check_mask(
+    path: Path | str,
+    image: Path | Geometry,
+    *,
+    allowed_labels: Iterable[int] = (0, 1),
+    config: ValidationConfig = ValidationConfig(),
+) -> list[Problem]:
+    """Problems of a mask, including its geometry against `image` (a file, read header-only)."""
+    check = inspect_mask(path, allowed_labels, config)
+    problems = [Problem(check.path, m) for m in check.problems]
+    if problems or check.geometry is None:
+        return problems
+    if isinstance(image, Geometry):
+        image_geometry, image_name = image, "its image"
+    else:
+        try:
+            image_geometry, image_name = read_info(image).geometry, Path(image).name
+        except ImageReadError as e:
+            return [Problem(e.path, f"cannot read: {e.reason}")]
+    msgs = mask_geometry_problems(check.geometry, image_geometry, image_name, config)
+    return [Problem(check.path, m) for m in msgs]
+
+
+def validate_image(path: Path | str, config: ValidationConfig = ValidationConfig()) -> Geometry:
+    """The image's geometry, or `ValidationError` naming its first problem."""
+    check = inspect_image(path, config)
+    if not check.ok:
+        raise ValidationError(check.path, check.problems[0])
+    assert check.geometry is not None
+    return check.geometry
+
+
+def validate_mask(
+    path: Path | str,
+    image: Path | Geometry,
+    *,
+    allowed_labels: Iterable[int] = (0, 1),
+    config: ValidationConfig = ValidationConfig(),
+) -> None:
+    """Return quietly if the mask is usable with `image`, else raise `ValidationError`."""
+    problems = check_mask(path, image, allowed_labels=allowed_labels, config=config)
+    if problems:
+        raise ValidationError(problems[0].path, problems[0].message)
+
+
+def _case_path(case: Case) -> Path:
+    """The case folder in the LiQA layout; the first file otherwise (nnU-Net has no folder)."""
+    files = [*case.images.values(), *case.masks.values()]
+    if not files:
+        return Path(case.case_id)
+    first = Path(files[0])
+    return first.parent if first.parent.name == case.case_id else first
+
+
+def validate_case(
+    case: Case,
+    config: ValidationConfig = ValidationConfig(),
+    *,
+    allowed_labels: Iterable[int] | None = None,
+) -> tuple[Case | None, list[Problem]]:
+    """Check every file of `case`; return the case with only its valid files (None if none is).
+
+    `allowed_labels` are the mask values that may occur (default `{0} | case.foreground_labels`).
+    """
+    allowed = {0, *case.foreground_labels, *(allowed_labels or ())}
+    images: dict[str, Path] = {}
+    masks: dict[str, Path] = {}
+    problems: list[Problem] = []
+    mask_checks: dict[Path, FileCheck] = {}  # an nnU-Net label file serves every channel
+    for phase, image_path in case.images.items():
+        image = inspect_image(image_path, config)
+        mask_path = case.masks.get(phase)
+        if not image.ok:
+            what = f"phase {phase} skipped" + (", with its mask" if mask_path else "")
+            problems += [Problem(image.path, f"{m} ({what})") for m in image.problems]
+            continue
+        images[phase] = image_path
+        if mask_path is None:
+            continue
+        if mask_path not in mask_checks:
+            mask_checks[mask_path] = inspect_mask(mask_path, allowed, config)
+        mask = mask_checks[mask_path]
+        messages = list(mask.problems)
+        if not messages and mask.geometry is not None and image.geometry is not None:
+            messages = mask_geometry_problems(mask.geometry, image.geometry, Path(image_path).name, config)
+        if messages:
+            problems += [Problem(mask.path, f"{m} (mask ignored; {phase} used unlabeled)") for m in messages]
+        else:
+            masks[phase] = mask_path
+    # Masks whose image is missing were reported by discovery; they are not kept.
+    if not images:
+        problems.append(Problem(_case_path(case), f"case {case.case_id} dropped: no valid image"))
+        return None, problems
+    return dataclasses.replace(case, images=images, masks=masks), problems

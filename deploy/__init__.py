@@ -1,0 +1,1 @@
+"""Real multi-site operation: certificates and keys, SuperLink/SuperNode launch."""

@@ -1,0 +1,1 @@
+"""The `fedliver` command line: one subcommand per module in `fedliver.commands`."""

@@ -1,0 +1,3 @@
+from fedliver.cli import main
+
+raise SystemExit(main())

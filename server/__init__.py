@@ -1,0 +1,1 @@
+"""The coordinator: the Flower ServerApp, federated planning, aggregation, checkpoints, reports."""

@@ -1,0 +1,259 @@
+"""The federation as the coordinator runs it, round by round.
+
+    identify nodes -> round 0: federated planning (fingerprints -> merged -> plans, pinned by hash)
+    -> rounds 1..N: local CPS at training sites -> screen + FedAvg per branch -> checkpoint
+                    -> evaluation of the global pair at every site (held-out centres per phase)
+    -> report.json, metrics.csv, plots
+
+Resuming a run folder continues after its last complete round with the same numbering.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.serverapp import Grid
+
+from common.federation_config import FederationConfig
+from common.fingerprint import FingerprintConfig, SiteFingerprint, merge_fingerprints
+from common.planning import PlanningConfig, plan_from_fingerprint, plans_hash
+from common.pretrained import load_pretrained
+from common.stunet import build_stunet_from_plans
+from common.weights import flatten, from_arrayrecord, record_nbytes, to_arrayrecord
+from server.checkpoints import RunFolder, ServerState
+from server.messaging import Failure, NodeInfo, broadcast, wait_for_nodes
+from server.plots import plot_run
+from server.report import build_report, center_scores, format_table, heldout_score, write_report
+from server.strategy import NodeUpdate, PairAggregator
+
+Log = Callable[[str], None]
+
+
+class Federation:
+    def __init__(self, grid: Grid, config: FederationConfig, log: Log = print):
+        self.grid = grid
+        self.config = config
+        self.log = log
+        self.run = RunFolder(config.run_dir)
+        self.nodes: dict[int, NodeInfo] = {}
+
+    # ------------------------------------------------------------------------------ nodes
+    def identify_nodes(self) -> None:
+        expected = len(self.config.sites) or self.config.min_train_nodes
+        node_ids = wait_for_nodes(self.grid, expected, self.config.node_wait_s, self.log)
+        replies, failures = broadcast(
+            self.grid, {n: "?" for n in node_ids}, "query.identify", RecordDict(), group="identify",
+            timeout=self.config.round_timeout_s,
+        )
+        self._report_failures(failures)
+        for node_id, reply in replies.items():
+            identity = reply.content["identity"]
+            counts = reply.content["counts"]
+            info = NodeInfo(node_id, str(identity["site"]), str(identity["role"]))
+            self.nodes[node_id] = info
+            self.log(
+                f"node {node_id}: site {info.site} ({info.role}), {int(counts['cases'])} cases, "
+                f"{int(counts['labeled-volumes'])} labeled / {int(counts['unlabeled-volumes'])} unlabeled volumes, "
+                f"{int(counts['problems'])} input problems"
+            )
+        if len(self.training_nodes) < self.config.min_train_nodes:
+            raise RuntimeError(f"{len(self.training_nodes)} training nodes, {self.config.min_train_nodes} required")
+
+    @property
+    def training_nodes(self) -> dict[int, str]:
+        return {n: i.site for n, i in self.nodes.items() if i.role == "train"}
+
+    @property
+    def all_nodes(self) -> dict[int, str]:
+        return {n: i.site for n, i in self.nodes.items()}
+
+    @property
+    def heldout_sites(self) -> list[str]:
+        return sorted(i.site for i in self.nodes.values() if i.role == "eval")
+
+    # ------------------------------------------------------------------------------ round 0
+    def federated_plans(self) -> dict:
+        """Merge the training sites' fingerprints exactly and plan once for everyone."""
+        existing = self.run.load_plans()
+        if existing is not None:
+            self.log(f"plans from {self.run.plans_file} (sha256 {plans_hash(existing)[:12]})")
+            return existing
+        request = RecordDict({"fingerprint-config": ArrayRecord({"config": Array(FingerprintConfig().to_array())})})
+        replies, failures = broadcast(
+            self.grid, self.training_nodes, "query.fingerprint", request, group="0", timeout=self.config.round_timeout_s
+        )
+        self._report_failures(failures)
+        if not replies:
+            raise RuntimeError("no training site sent a fingerprint: cannot plan")
+        fingerprints = [
+            SiteFingerprint.from_arrays({k: a.numpy() for k, a in reply.content["fingerprint"].items()})
+            for reply in replies.values()
+        ]
+        merged = merge_fingerprints(fingerprints)
+        plans = plan_from_fingerprint(
+            merged,
+            PlanningConfig(size=self.config.net_size, patch_size=self.config.patch_size, batch_size=self.config.batch_size),
+        )
+        digest = self.run.save_plans(plans)
+        configuration = plans["configurations"]["3d_fullres"]
+        self.log(
+            f"round 0: plans from {len(fingerprints)} site fingerprints, spacing {configuration['spacing']}, "
+            f"patch {configuration['patch_size']}, sha256 {digest[:12]}"
+        )
+        return plans
+
+    def initial_model(self, plans: dict) -> dict[str, np.ndarray]:
+        """Two STU-Nets with different seeds (heads always differ), optionally from pretrained weights."""
+        branches = {}
+        for offset, name in enumerate(("a", "b")):
+            torch.manual_seed(self.config.seed + offset)
+            net = build_stunet_from_plans(plans)
+            if self.config.init_weights:
+                report = load_pretrained(net, self.config.init_weights)
+                self.log(f"branch {name}: {report.summary()}")
+            branches[name] = net.state_dict()
+        return flatten(branches)
+
+    # ------------------------------------------------------------------------------ rounds
+    def round_config(self, server_round: int, plans_json: str, digest: str) -> ConfigRecord:
+        c = self.config
+        return ConfigRecord(
+            {
+                "server-round": server_round,
+                "plans-json": plans_json,
+                "plans-sha256": digest,
+                "iterations": c.local_iterations,
+                "start-iteration": (server_round - 1) * c.local_iterations,
+                "total-iterations": c.total_iterations,
+                "mode": c.mode,
+                "batch-size": c.batch_size,
+                "learning-rate": c.learning_rate,
+                "cps-lambda-max": c.cps_lambda_max,
+                "rampup-iterations": c.rampup_iterations,
+                "proximal-mu": c.proximal_mu,
+                "local-norm": c.local_norm,
+                "fp16": c.fp16_transport,
+                "seed": c.seed + 1000 * server_round,
+                "qualitative": server_round == c.num_rounds,
+            }
+        )
+
+    def train_round(
+        self, server_round: int, current: dict[str, np.ndarray], config: ConfigRecord, aggregator: PairAggregator
+    ) -> tuple[dict[str, np.ndarray], dict]:
+        arrays = to_arrayrecord(current, fp16=self.config.fp16_transport)
+        content = RecordDict({"arrays": arrays, "config": config})
+        replies, failures = broadcast(
+            self.grid, self.training_nodes, "train", content, group=str(server_round), timeout=self.config.round_timeout_s
+        )
+        updates, train_metrics, reply_bytes = [], {}, {}
+        for node_id, reply in replies.items():
+            site = self.nodes[node_id].site
+            returned_hash = str(reply.content["plans"]["sha256"]) if "plans" in reply.content else ""
+            if returned_hash != str(config["plans-sha256"]):
+                failures.append(Failure(node_id, site, f"refused: plans hash {returned_hash[:12]} differs"))
+                continue
+            metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
+            updates.append(NodeUpdate(node_id, site, from_arrayrecord(reply.content["arrays"]), metrics))
+            train_metrics[site] = metrics
+            reply_bytes[site] = record_nbytes(reply.content["arrays"])
+        accepted, rejected = aggregator.screen(updates, current)
+        failures += [Failure(r.node_id, r.site, r.reason) for r in rejected]
+        self._report_failures(failures)
+        if not accepted:
+            self.log(f"round {server_round}: no usable update; the global model stays as it was")
+        new = aggregator.aggregate(current, accepted)
+        for site, metrics in sorted(train_metrics.items()):
+            self.log(
+                f"round {server_round} site {site}: loss {metrics['loss-total']:.3f} (cps {metrics['loss-cps']:.3f}), "
+                f"{metrics['seconds-per-iteration']:.2f} s/it, peak {metrics['peak-memory-mib']:.0f} MiB"
+            )
+        return new, {
+            "train": train_metrics,
+            "rejected": [str(f) for f in failures],
+            "bytes": {"to-each-node": record_nbytes(arrays), "from-node": reply_bytes},
+        }
+
+    def evaluate_round(self, server_round: int, current: dict[str, np.ndarray], config: ConfigRecord) -> dict:
+        content = RecordDict({"arrays": to_arrayrecord(current), "config": config})
+        replies, failures = broadcast(
+            self.grid, self.all_nodes, "evaluate", content, group=f"eval-{server_round}", timeout=self.config.round_timeout_s
+        )
+        self._report_failures(failures)
+        return {
+            self.nodes[node_id].site: center_scores({k: float(v) for k, v in reply.content["metrics"].items()})
+            for node_id, reply in sorted(replies.items(), key=lambda item: self.nodes[item[0]].site)
+        }
+
+    # ------------------------------------------------------------------------------ the run
+    def run_all(self) -> dict:
+        c = self.config
+        self.identify_nodes()
+        plans = self.federated_plans()
+        plans_json, digest = json.dumps(plans, sort_keys=True), plans_hash(plans)
+        state = self.run.load_state()
+        aggregator = PairAggregator(c.weighted_by, c.server_momentum)
+        if state.last_round:
+            current = self.run.load_round(state.last_round)
+            aggregator.velocity = self.run.load_momentum()
+            self.log(f"resuming after round {state.last_round} of {c.num_rounds}")
+        else:
+            current = self.initial_model(plans)
+        for server_round in range(state.last_round + 1, c.num_rounds + 1):
+            started = time.perf_counter()
+            config = self.round_config(server_round, plans_json, digest)
+            current, entry = self.train_round(server_round, current, config, aggregator)
+            if server_round % c.evaluate_every == 0 or server_round == c.num_rounds:
+                entry["centers"] = self.evaluate_round(server_round, current, config)
+            entry = {"round": server_round, **entry, "seconds": round(time.perf_counter() - started, 1)}
+            self._checkpoint(server_round, current, plans, entry, state, aggregator)
+            self._log_round(entry)
+        return self.finish(state)
+
+    def _checkpoint(
+        self, server_round: int, current: dict[str, np.ndarray], plans: dict, entry: dict, state: ServerState,
+        aggregator: PairAggregator,
+    ) -> None:
+        self.run.save_round(server_round, current, plans, {"metrics": entry.get("centers", {})})
+        self.run.save_momentum(aggregator.velocity)
+        score = heldout_score(entry, self.heldout_sites or sorted(entry.get("centers", {})))
+        if score is not None and score > state.best_score:
+            state.best_round, state.best_score = server_round, score
+            self.run.promote_best(server_round)
+        state.history.append(entry)
+        state.last_round = server_round
+        self.run.save_state(state)  # last: the round is complete only now
+        self.run.prune(keep={server_round})
+
+    def _log_round(self, entry: Mapping) -> None:
+        parts = [f"round {entry['round']}/{self.config.num_rounds} in {entry['seconds']:.0f}s"]
+        for site in self.heldout_sites:
+            scores = entry.get("centers", {}).get(site, {})
+            parts += [f"{site} {phase} Dice {s['dice']:.3f}" for phase, s in scores.items()]
+        self.log(" | ".join(parts))
+
+    def finish(self, state: ServerState) -> dict:
+        report = build_report(
+            state.history,
+            heldout=self.heldout_sites,
+            final_model=self.run.round_dir(state.last_round),
+            best_model=self.run.best_dir if state.best_round else None,
+            best_round=state.best_round,
+            best_score=state.best_score,
+            config={k: str(v) for k, v in asdict(self.config).items()},
+        )
+        path = write_report(self.config.run_dir, report)
+        plot_run(state.history, self.config.run_dir / "plots")
+        self.log(f"report: {path}")
+        self.log("final evaluation (round %d):\n%s" % (report["final"]["round"], format_table(report["final"]["centers"], self.heldout_sites)))
+        return report
+
+    def _report_failures(self, failures: list[Failure]) -> None:
+        for failure in failures:
+            self.log(f"WARNING {failure}")
