@@ -328,7 +328,7 @@ class CPSTrainer:
             scores = []
             for volume in chosen:
                 data, _, _ = volume.load(mmap=True)
-                data = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+                data = torch.from_numpy(np.array(data, dtype=np.float32))  # writable copy of the memmap
                 pred = {b: sliding_window_predict(self.nets[b], data, patch, step=step).argmax(0).numpy()
                         for b in BRANCHES}
                 scores.append(dice(pred["a"], pred["b"]))

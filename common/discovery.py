@@ -83,8 +83,8 @@ class CaseIndex:
         """Per center: cases, labeled cases, images and masks per phase, stages; then problems."""
         name = {"liqa": "LiQA", "nnunet": "nnU-Net raw"}.get(self.layout, self.layout)
         labeled = sum(c.labeled for c in self.cases)
-        lines = [f"{name} layout at {self.root}: {len(self.centers)} center(s), "
-                 f"{len(self.cases)} cases ({labeled} labeled)"]
+        lines = [f"{name} layout at {self.root}: {_count(len(self.centers), 'center')}, "
+                 f"{_count(len(self.cases), 'case')} ({labeled} labeled)"]
         for center in self.centers:
             cases = [c for c in self.cases if c.center == center]
             images = Counter(p for c in cases for p in c.images)
@@ -93,14 +93,19 @@ class CaseIndex:
             stage_text = ", ".join(f"S{s} {stages[s]}" for s in sorted(s for s in stages if s is not None))
             if stages[None]:
                 stage_text += (", " if stage_text else "") + f"unknown {stages[None]}"
-            lines += [f"center {center or '(none)'}: {len(cases)} cases, {sum(c.labeled for c in cases)} labeled",
+            lines += [f"center {center or '(none)'}: {_count(len(cases), 'case')}, "
+                      f"{sum(c.labeled for c in cases)} labeled",
                       f"  stages: {stage_text}",
                       f"  {'phase':<8} {'images':>6} {'masks':>6}"]
             phases = [p for p in PHASES if p in images] + sorted(set(images) - set(PHASES))
             lines += [f"  {p:<8} {images[p]:>6} {masks[p]:>6}" for p in phases]
-        lines.append(f"{len(self.problems)} problem{'' if len(self.problems) == 1 else 's'}")
+        lines.append(_count(len(self.problems), "problem"))
         lines += [str(p) for p in self.problems]
         return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def detect_layout(root: Path) -> str:
@@ -216,10 +221,13 @@ def _discover_nnunet(root: Path, problems: list[Problem]) -> tuple[list[Case], t
     if not images_dir.is_dir():
         problems.append(Problem(images_dir, "no such folder"))
         return [], (0, 1)
-    image_files = [f for f in _visible(images_dir)]
+    image_files = _visible(images_dir)
     atlas = any(_ATLAS_IMAGE.match(_nifti_stem(f.name, [ending]) or "") for f in image_files)
 
     channels = meta.get("channel_names") or meta.get("modality") or {"0": LABELED_PHASE}
+    if not isinstance(channels, dict):
+        problems.append(Problem(root / "dataset.json", "channel_names is not an object (using one GED4 channel)"))
+        channels = {"0": LABELED_PHASE}
     phase_of: dict[int, str] = {}
     for key, name in sorted(channels.items(), key=lambda kv: str(kv[0]).zfill(4)):
         if not str(key).isdigit():
@@ -247,10 +255,14 @@ def _discover_nnunet(root: Path, problems: list[Problem]) -> tuple[list[Case], t
         stem = _nifti_stem(f.name, [ending]) if f.is_file() else None
         match = _CHANNEL.match(stem or "")
         case_id, channel = (match["case"], int(match["channel"])) if match else (stem, 0)
-        if stem is None or channel not in phase_of:
+        if stem is None:
             problems.append(Problem(f, "unexpected file (ignored)"))
+        elif channel not in phase_of:
+            problems.append(Problem(f, f"channel {channel:04d} is not in dataset.json channel_names (ignored)"))
+        elif phase_of[channel] in grouped.setdefault(case_id, {}):
+            problems.append(Problem(f, f"second image for case {case_id} channel {channel:04d} (ignored)"))
         else:
-            grouped.setdefault(case_id, {})[phase_of[channel]] = f
+            grouped[case_id][phase_of[channel]] = f
 
     labels = {f.name: f for f in _visible(labels_dir)} if labels_dir.is_dir() else {}
     cases, used = [], set()
@@ -263,7 +275,9 @@ def _discover_nnunet(root: Path, problems: list[Problem]) -> tuple[list[Case], t
         cases.append(Case(case_id=case_id, center="", stage=None, images=images,
                           masks={p: label for p in images} if label else {}, foreground_labels=foreground))
     for name in sorted(set(labels) - used):
-        problems.append(Problem(labels[name], "mask without its image (ignored)"))
+        known = labels[name].is_file() and name.endswith(ending)
+        message = "mask without its image (ignored)" if known else "unexpected file (ignored)"
+        problems.append(Problem(labels[name], message))
     return cases, declared
 
 

@@ -9,12 +9,17 @@ A site computes, with nnU-Net's own crop (`crop_to_nonzero`, as in
     (shape * spacing, mm): count, sum, M2, min, max and fixed-edge histograms;
   - the relative size after cropping (for nnU-Net's `median_relative_size_after_cropping`);
   - the number of images and of labeled images.
-No case ids, file names, per-case values or voxels: only these aggregates leave a site.
+No case ids, file names, per-case records or voxels: only these aggregates leave a site. What they
+still tell: per axis, the multiset of spacings / shapes / extents to within a bin (exactly where a
+bin holds a single case), not linked to cases nor across axes; widen the bins in FingerprintConfig
+to reveal less, at the cost of coarser medians.
 
 Merging is exact for count, mean, std, min and max. Percentiles and medians come from the merged
-histograms and are within one bin width of the pooled value (the k-th order statistic is known to
-lie in its bin). Histogram edges are fixed by `FingerprintConfig`, so all sites agree; the config
-travels inside the arrays and merging refuses mismatched configs.
+histograms, which hold per bin the count and the sum of the values: an order statistic is estimated
+by the mean of its bin, so it is exact when the bin holds one distinct value (spacings, shapes,
+8-bit intensities) and within one bin width otherwise. Histogram edges are fixed by
+`FingerprintConfig`, so all sites agree; the config travels inside the arrays and merging refuses
+mismatched configs.
 
 Intensity bins: vendors differ by orders of magnitude (0-255 pre-scaled vs raw scanner units), so
 intensities are binned on a symmetric log scale, t = sign(x) * log1p(|x|), uniform in t over
@@ -153,7 +158,8 @@ class Moments:
         na, nb = self.count.astype(np.float64), other.count.astype(np.float64)
         n = na + nb
         with np.errstate(invalid="ignore", divide="ignore"):
-            delta = np.where(nb > 0, other.sum / np.maximum(nb, 1), 0) - np.where(na > 0, self.sum / np.maximum(na, 1), 0)
+            mean_a = np.where(na > 0, self.sum / np.maximum(na, 1), 0)
+            delta = np.where(nb > 0, other.sum / np.maximum(nb, 1), 0) - mean_a
             m2 = self.m2 + other.m2 + np.where(n > 0, delta**2 * na * nb / np.maximum(n, 1), 0)
         return Moments(self.count + other.count, self.sum + other.sum, m2,
                        np.minimum(self.min, other.min), np.maximum(self.max, other.max))
@@ -311,10 +317,11 @@ class SiteFingerprint:
         """nnU-Net's dataset_fingerprint.json content, synthesised from the aggregates.
 
         Per-case spacings and shapes never leave a site, so the lists nnU-Net's planner expects are
-        synthesised from the merged histograms: per axis, one value per image, the k-th value in the
-        bin of the true k-th smallest one (spread evenly inside the bin, clipped to the exact
-        min/max). Any percentile the planner takes (median target spacing, 10th percentile of the
-        anisotropic axis, median shape) is therefore within one bin width of the pooled one.
+        synthesised from the merged histograms: per axis, one value per image, the k-th value being
+        the mean of the bin holding the true k-th smallest one (exact when that bin holds a single
+        distinct value, as spacings usually do). Any percentile the planner takes (median target
+        spacing, 10th percentile of the anisotropic axis, median shape) is therefore within one bin
+        width of the pooled one.
         Spacings are paired with shapes in opposite order (finest spacing with the largest shape),
         which is right when fields of view are similar and irrelevant when either is uniform; the
         planner uses the pairing only for the median shape after resampling.
@@ -417,5 +424,5 @@ def compute_site_fingerprint(pairs: Sequence[tuple[Path, Path | None]], config: 
     return fp
 
 
-__all__ = ["FingerprintConfig", "Moments", "Stat", "STATS", "SiteFingerprint", "merge_fingerprints", "compute_site_fingerprint",
-           "analyze_image"]
+__all__ = ["FingerprintConfig", "Moments", "Stat", "STATS", "SiteFingerprint", "merge_fingerprints",
+           "compute_site_fingerprint", "analyze_image"]

@@ -7,16 +7,21 @@ SimpleITK reads a truncated `.nii.gz` without complaint (the missing voxels come
 `read_image`/`read_info` compare the data size the NIfTI header promises with the gzip trailer (or
 the file size for `.nii`) before handing the file to SimpleITK: an O(1) check that catches
 interrupted copies. Corruption inside the gzip stream makes SimpleITK fail, which we report.
+SimpleITK (nifti_clib) also silently turns NaN and Inf voxels into 0, so `voxel_stats` reads the
+NIfTI data itself, in chunks (bounded memory, full gzip CRC check) to count them.
 """
 
 from __future__ import annotations
 
-import math
+import gzip
 import re
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
+import numpy as np
 import SimpleITK as sitk
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -127,25 +132,99 @@ def _itk_reason(error: RuntimeError, path: Path) -> str:
     return re.sub(r"\s+", " ", text).strip() or "unknown SimpleITK error"
 
 
-def _expected_data_bytes(reader: sitk.ImageFileReader) -> int | None:
-    """Bytes from the file start to the end of the voxel data per the NIfTI header, if NIfTI."""
-    keys = set(reader.GetMetaDataKeys())
-    if not {"vox_offset", "bitpix", "dim[0]"} <= keys:
-        return None
+# NIfTI datatype code -> numpy type; other codes (complex, RGB) are not images we segment.
+_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4",
+                 1024: "i8", 1280: "u8"}
+
+
+@dataclass(frozen=True)
+class NiftiHeader:
+    """The fields of a NIfTI-1/2 header needed to read the voxel data ourselves."""
+
+    dims: tuple[int, ...]  # dim[1..dim[0]], x fastest
+    datatype: int
+    bitpix: int
+    vox_offset: int
+    scl_slope: float
+    scl_inter: float
+    byte_order: str  # "<" or ">"
+
+    @property
+    def data_end(self) -> int:
+        """Bytes from the file start to the end of the voxel data."""
+        count = 1
+        for d in self.dims:
+            count *= d
+        return self.vox_offset + count * self.bitpix // 8
+
+    @property
+    def scaled(self) -> bool:
+        # NIfTI: slope 0 means "no scaling"; readers (ITK included) apply value * slope + inter.
+        if self.scl_slope == 0.0 or not np.isfinite(self.scl_slope):
+            return False
+        return self.scl_slope != 1.0 or self.scl_inter != 0.0
+
+
+def _parse_nifti_header(raw: bytes) -> NiftiHeader | None:
+    """Parse NIfTI-1 (348 bytes) or NIfTI-2 (540 bytes); None when `raw` is neither."""
+    for order in "<>":
+        if len(raw) >= 348 and struct.unpack(order + "i", raw[:4])[0] == 348:
+            ndim = struct.unpack(order + "h", raw[40:42])[0]
+            dims = struct.unpack(order + "7h", raw[42:56])
+            datatype, bitpix = struct.unpack(order + "2h", raw[70:74])
+            vox_offset, slope, inter = struct.unpack(order + "3f", raw[108:120])
+        elif len(raw) >= 540 and struct.unpack(order + "i", raw[:4])[0] == 540:
+            datatype, bitpix = struct.unpack(order + "2h", raw[12:16])
+            ndim = struct.unpack(order + "q", raw[16:24])[0]
+            dims = struct.unpack(order + "7q", raw[24:80])
+            vox_offset = struct.unpack(order + "q", raw[168:176])[0]
+            slope, inter = struct.unpack(order + "2d", raw[176:192])
+        else:
+            continue
+        if not 1 <= ndim <= 7 or any(d < 1 for d in dims[:ndim]):
+            return None
+        return NiftiHeader(tuple(int(d) for d in dims[:ndim]), int(datatype), int(bitpix), int(vox_offset),
+                           float(slope), float(inter), order)
+    return None
+
+
+def _open_stream(path: Path) -> BinaryIO:
+    """The decompressed byte stream of a gzipped file (by content, not name), else the file."""
+    with path.open("rb") as f:
+        gzipped = f.read(2) == _GZIP_MAGIC
+    return gzip.open(path, "rb") if gzipped else path.open("rb")
+
+
+def _head(path: Path, n: int = 540) -> bytes:
+    """Up to the first `n` (decompressed) bytes, even from a truncated or damaged gzip file."""
+    with path.open("rb") as f:
+        if f.read(2) != _GZIP_MAGIC:
+            f.seek(0)
+            return f.read(n)
+        f.seek(0)
+        inflate, out = zlib.decompressobj(16 + zlib.MAX_WBITS), b""
+        try:
+            while len(out) < n and (piece := f.read(1 << 16)):
+                out += inflate.decompress(piece, n - len(out))
+        except zlib.error:
+            pass
+        return out[:n]
+
+
+def read_nifti_header(path: Path | str) -> NiftiHeader | None:
+    """The NIfTI header of `path`, None when it is not NIfTI (or too damaged to tell)."""
     try:
-        ndim = int(reader.GetMetaData("dim[0]"))
-        dims = [int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1)]
-        bitpix = int(reader.GetMetaData("bitpix"))
-        offset = int(float(reader.GetMetaData("vox_offset")))
-    except (ValueError, RuntimeError):
+        return _parse_nifti_header(_head(Path(path)))
+    except OSError:
         return None
-    return offset + math.prod(dims) * bitpix // 8
 
 
-def _check_length(path: Path, expected: int | None) -> None:
-    """Raise if the file holds fewer data bytes than the header promises."""
-    if expected is None:
+def _check_length(path: Path) -> None:
+    """Raise if the file holds fewer data bytes than its NIfTI header promises."""
+    header = read_nifti_header(path)
+    if header is None:
         return
+    expected = header.data_end
     size = path.stat().st_size
     with path.open("rb") as f:
         gzipped = f.read(2) == _GZIP_MAGIC
@@ -155,7 +234,7 @@ def _check_length(path: Path, expected: int | None) -> None:
             f.seek(max(size - 4, 0))
             isize = int.from_bytes(f.read(4), "little")
     if gzipped and isize != expected % 2**32:
-        raise ImageReadError(path, f"truncated or corrupt gzip data (header needs {expected} bytes)")
+        raise ImageReadError(path, f"truncated or corrupt gzip file (expected {expected} bytes uncompressed)")
     if not gzipped and size < expected:
         raise ImageReadError(path, f"truncated file ({size} of {expected} bytes)")
 
@@ -176,7 +255,7 @@ def _open(path: Path | str) -> tuple[Path, sitk.ImageFileReader]:
         # An uncompressed NIfTI named .gz reads fine; only name the gzip problem when ITK fails.
         not_gzip = path.name.endswith(".gz") and head != _GZIP_MAGIC
         raise ImageReadError(path, "not a gzip file" if not_gzip else _itk_reason(e, path)) from None
-    _check_length(path, _expected_data_bytes(reader))
+    _check_length(path)
     return path, reader
 
 
@@ -202,20 +281,82 @@ def read_image(path: Path | str) -> sitk.Image:
         raise ImageReadError(path, _itk_reason(e, path)) from None
 
 
-def read_image_checked(path: Path | str, *, dimension: int = 3) -> tuple[ImageInfo, sitk.Image | None]:
-    """Header, then voxels only if the header has `dimension` axes and one component per voxel.
+@dataclass(frozen=True)
+class VoxelStats:
+    """Counts over every voxel of a file, as stored (after NIfTI scaling, before any NaN fix-up)."""
 
-    Lets validators refuse a 4D or vector file without decompressing it. Returns the image as
-    None when the header is refused; raises `ImageReadError` when the file cannot be read.
+    count: int
+    non_finite: int  # NaN or +-Inf
+    nonzero: int  # finite, non-zero voxels
+    values: tuple[float, ...] | None  # sorted distinct finite values; None if more than max_values
+
+
+def voxel_stats(path: Path | str, *, max_values: int = 0, chunk_bytes: int = 1 << 22) -> VoxelStats:
+    """Count NaN/Inf and non-zero voxels, and collect up to `max_values` distinct values.
+
+    Streams the NIfTI data in `chunk_bytes` pieces (memory stays bounded by a few times the chunk,
+    not the volume) and, for .nii.gz, lets gzip verify its CRC. Non-NIfTI files are read with SimpleITK.
+    Raises `ImageReadError` for unreadable, truncated or corrupt files.
     """
-    path, reader = _open(path)
-    info = _info(reader)
-    if info.geometry.dimension != dimension or info.components != 1:
-        return info, None
+    path = Path(path)
+    header = read_nifti_header(path)
+    if header is None:
+        image = read_image(path)  # not NIfTI: SimpleITK keeps its values as they are
+        chunks = iter([sitk.GetArrayViewFromImage(image).ravel()])
+        count = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel()
+        return _accumulate(chunks, count, max_values)
+    if header.datatype not in _NIFTI_DTYPES:
+        raise ImageReadError(path, f"unsupported NIfTI data type {header.datatype}")
+    dtype = np.dtype(_NIFTI_DTYPES[header.datatype]).newbyteorder(header.byte_order)
+    total = (header.data_end - header.vox_offset) // dtype.itemsize
+    step = max(chunk_bytes // dtype.itemsize, 1) * dtype.itemsize
+
+    def chunks():
+        with _open_stream(path) as stream:
+            stream.seek(header.vox_offset)  # gzip streams seek forward by decompressing
+            left = total * dtype.itemsize
+            while left > 0:
+                raw = stream.read(min(step, left))
+                if len(raw) < min(step, left):
+                    raise EOFError("data ends early")
+                left -= len(raw)
+                values = np.frombuffer(raw, dtype=dtype)
+                yield values * header.scl_slope + header.scl_inter if header.scaled else values
+            while stream.read(step):  # to the end, so gzip checks its CRC and length
+                pass
+
     try:
-        return info, reader.Execute()
-    except RuntimeError as e:
-        raise ImageReadError(path, _itk_reason(e, path)) from None
+        return _accumulate(chunks(), total, max_values)
+    except (OSError, EOFError, zlib.error) as e:
+        reason = "truncated data" if isinstance(e, EOFError) else f"corrupt data ({e})"
+        raise ImageReadError(path, reason) from None
+
+
+def _accumulate(chunks, count: int, max_values: int) -> VoxelStats:
+    non_finite = nonzero = 0
+    values: set[float] | None = set() if max_values > 0 else None
+    for chunk in chunks:
+        if chunk.dtype.kind == "f":
+            finite = np.isfinite(chunk)
+            bad = chunk.size - int(np.count_nonzero(finite))
+            if bad:
+                non_finite += bad
+                chunk = chunk[finite]
+        nonzero += int(np.count_nonzero(chunk))
+        if values is not None and chunk.size:
+            values.update(_distinct(chunk))
+            if len(values) > max_values:
+                values = None
+    return VoxelStats(count, non_finite, nonzero, tuple(sorted(values)) if values is not None else None)
+
+
+def _distinct(chunk: np.ndarray) -> list[float]:
+    """Distinct values; for integer labels with a small range, a few comparisons beat a sort."""
+    if chunk.dtype.kind in "iu":
+        lo, hi = int(chunk.min()), int(chunk.max())
+        if hi - lo < 16:
+            return [float(v) for v in range(lo, hi + 1) if v in (lo, hi) or np.any(chunk == v)]
+    return [float(v) for v in np.unique(chunk).tolist()]
 
 
 def write_image(image: sitk.Image, path: Path | str) -> None:

@@ -43,7 +43,11 @@ SIZES = ("T", "S", "B", "L", "H")  # STU-Net sizes (common.stunet.STUNET_SIZES);
 class PlanningConfig:
     size: str = "T"                                   # STU-Net size: T, S, B, L, H
     base_width: int | None = None                     # overrides the size's first-stage width
-    patch_size: tuple[int, int, int] | None = None    # (z, y, x); rounded to the strides' products
+    # Patch sizes are in the plans' axis order (after transpose_forward), which is (z, y, x) whenever z
+    # has the coarsest spacing (LiQA, ATLAS). nnU-Net's planner sizes its patch for its own plain U-Net
+    # at gpu_memory_target_gb, not for STU-Net: on CPU or for large STU-Nets set one of these.
+    patch_size: tuple[int, int, int] | None = None    # replaces the planner's; rounded to the strides' products
+    max_patch_size: tuple[int, int, int] | None = None  # caps the planner's per axis (rounded down)
     batch_size: int | None = None                     # None: keep the planner's choice
     gpu_memory_target_gb: float = 8.0                 # nnU-Net planner's VRAM target (caps the patch)
     dataset_name: str = DATASET_NAME
@@ -83,15 +87,19 @@ def _strides_for_patch(patch_size: Sequence[int], spacing: Sequence[float]) -> l
 
 
 def _adapt_configuration(conf: dict, config: PlanningConfig) -> dict:
-    """Turn a planner 3d_fullres configuration into a STU-Net one (in place copy)."""
+    """A STU-Net copy of a planner 3d_fullres configuration."""
     conf = deepcopy(conf)
     strides = _stunet_strides(conf["architecture"]["arch_kwargs"]["strides"])
     if config.patch_size is not None:
         patch = list(config.patch_size)
         strides = _strides_for_patch(patch, conf["spacing"])
+        patch = _round_patch(patch, _divisor(strides))
+    elif config.max_patch_size is not None:
+        patch = [min(int(p), int(m)) for p, m in zip(conf["patch_size"], config.max_patch_size)]
+        strides = _strides_for_patch(patch, conf["spacing"])
+        patch = [max(d, (p // d) * d) for p, d in zip(patch, _divisor(strides))]
     else:
-        patch = list(conf["patch_size"])
-    patch = _round_patch(patch, _divisor(strides))
+        patch = _round_patch(conf["patch_size"], _divisor(strides))
     conf["patch_size"] = patch
     conf["architecture"] = _architecture_block(config.size, config.base_width, strides)
     conf["normalization_schemes"] = ["ZScoreNormalization"]
@@ -152,8 +160,15 @@ def default_test_plans(patch_size=(16, 32, 32), spacing=(4.0, 3.0, 3.0), size: s
 
 
 # --------------------------------------------------------------------------------------------- planning
-def plan_from_fingerprint(fp: "SiteFingerprint", config: PlanningConfig | None = None) -> dict:
-    """Run nnU-Net's ExperimentPlanner on a merged fingerprint and adapt its plan to STU-Net."""
+def plan_from_fingerprint(fp: "SiteFingerprint", config: PlanningConfig | None = None,
+                          timings: dict | None = None) -> dict:
+    """Run nnU-Net's ExperimentPlanner on a merged fingerprint and adapt its plan to STU-Net.
+
+    Deterministic: the same fingerprint and config give the same plans (and hash), so sites'
+    preprocessing caches survive a re-plan. `timings`, when given, receives "planner_seconds".
+    numTraining is the number of fingerprinted images (CPS trains on every one of them); nnU-Net
+    uses it only to cap the batch size at 5% of the data.
+    """
     # Imported by module path: nnunetv2's lookup by class name would import torchvision (broken here).
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
@@ -167,7 +182,7 @@ def plan_from_fingerprint(fp: "SiteFingerprint", config: PlanningConfig | None =
         pre = paths.preprocessed / config.dataset_name
         (raw / "imagesTr").mkdir(parents=True)
         pre.mkdir(parents=True)
-        dataset_json = dict(DATASET_JSON, numTraining=int(max(fp.num_labeled, 1)))
+        dataset_json = dict(DATASET_JSON, numTraining=int(max(fp.num_images, 1)))
         # The planner looks at one training image only to pick the reader; a 1-voxel stand-in does.
         _write_placeholder_case(raw, dataset_json)
         _write_json(raw / "dataset.json", dataset_json)
@@ -175,13 +190,13 @@ def plan_from_fingerprint(fp: "SiteFingerprint", config: PlanningConfig | None =
         planner = ExperimentPlanner(config.dataset_name, gpu_memory_target_in_gb=config.gpu_memory_target_gb,
                                     plans_name=PLANS_NAME)
         nn_plans = _quiet(planner.plan_experiment)
-    seconds = time.perf_counter() - started
+    if timings is not None:
+        timings["planner_seconds"] = time.perf_counter() - started
 
     plans = {k: deepcopy(v) for k, v in nn_plans.items() if k != "configurations"}
     plans["configurations"] = {CONFIGURATION: _adapt_configuration(nn_plans["configurations"][CONFIGURATION], config)}
     plans["experiment_planner_used"] = "ExperimentPlanner"
     plans["fedliver"] = {
-        "planner_seconds": round(seconds, 2),
         "planner_patch_size": list(nn_plans["configurations"][CONFIGURATION]["patch_size"]),
         "planner_strides": nn_plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"]["strides"],
         "size": config.size,

@@ -157,6 +157,9 @@ class PreprocessingCache:
         self.computed = 0  # volumes actually preprocessed by this object (not served from disk)
 
     def _paths(self, case_id: str, phase: str) -> tuple[Path, Path, Path]:
+        for name in (case_id, phase):  # they become path components: no separators, no "..", no hidden names
+            if not name or name.startswith(".") or "/" in name or "\\" in name:
+                raise ValueError(f"{name!r} cannot name a cache entry")
         folder = self.folder / case_id
         return folder / f"{phase}.npy", folder / f"{phase}_seg.npy", folder / f"{phase}.json"
 

@@ -73,7 +73,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals(_numpy_safe_globals()):
                 raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            detail = (str(e).split("WeightsUnpickler error:")[-1].strip().splitlines() or [""])[0]
             if isinstance(e, pickle.UnpicklingError) and ("global" in detail or "build" in detail):
                 detail = detail.split(" was not an allowed")[0]
                 raise ValueError(f"{path}: refused, it holds pickled objects beyond tensors and plain "

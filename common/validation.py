@@ -1,6 +1,7 @@
 """Validation of site files before anything uses them: one clear line per problem.
 
-Rules (each file is read once with SimpleITK, header first, voxels only when the header is sound):
+Rules (header read with SimpleITK; voxels streamed once, by `common.nifti.voxel_stats`, only when
+the header is sound):
 - image: readable NIfTI, 3D, one value per voxel, finite values, not all zero.
 - mask: the same (all-zero is allowed: a phase may show no liver), its values a subset of the
   declared labels (LiQA: {0, 1}; nnU-Net raw: every label in dataset.json), and the geometry of
@@ -18,10 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-import numpy as np
-import SimpleITK as sitk
-
-from common.nifti import Geometry, ImageReadError, geometry_differences, read_image_checked, read_info
+from common.nifti import (
+    Geometry,
+    ImageReadError,
+    VoxelStats,
+    geometry_differences,
+    read_info,
+    voxel_stats,
+)
 
 if TYPE_CHECKING:  # discovery imports this module; the import is for type hints only
     from common.discovery import Case
@@ -67,48 +72,40 @@ class FileCheck:
         return not self.problems
 
 
-def _format_values(values: np.ndarray, limit: int) -> str:
+def _format_values(values: tuple[float, ...], limit: int) -> str:
     shown = [str(int(v)) if float(v).is_integer() else f"{float(v):g}" for v in values[:limit]]
     more = f", ... ({len(values)} values)" if len(values) > limit else ""
     return "{" + ", ".join(shown) + more + "}"
 
 
-def _read(path: Path) -> tuple[FileCheck | None, Geometry | None, sitk.Image | None]:
-    """Read once; on a refused file return its FileCheck, else the geometry and the image."""
+def _read(path: Path, max_values: int) -> tuple[FileCheck | None, Geometry | None, VoxelStats | None]:
+    """Header, then one streaming pass over the voxels if the header describes a 3D scalar image.
+
+    On a refused file, return its FileCheck; else its geometry and voxel statistics.
+    """
     try:
-        info, image = read_image_checked(path, dimension=3)
+        info = read_info(path)
+        g = info.geometry
+        if g.dimension != 3:
+            return FileCheck(path, g, (f"expected a 3D image, got {g.dimension}D (shape {g.size})",)), None, None
+        if info.components != 1:
+            return FileCheck(path, g, (f"expected one value per voxel, got {info.components}",)), None, None
+        return None, g, voxel_stats(path, max_values=max_values)
     except ImageReadError as e:
         return FileCheck(path, None, (f"cannot read: {e.reason}",)), None, None
-    g = info.geometry
-    if image is None:
-        if g.dimension != 3:
-            msg = f"expected a 3D image, got {g.dimension}D (shape {g.size})"
-        else:
-            msg = f"expected one value per voxel, got {info.components}"
-        return FileCheck(path, g, (msg,)), None, None
-    return None, g, image
-
-
-def _non_finite(voxels: np.ndarray) -> int:
-    if not np.issubdtype(voxels.dtype, np.floating):
-        return 0
-    return int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
 
 
 def inspect_image(path: Path | str, config: ValidationConfig = ValidationConfig()) -> FileCheck:
     """Check an image file: readable, 3D scalar, finite, not all zero."""
     path = Path(path)
-    refused, geometry, image = _read(path)
+    refused, geometry, stats = _read(path, max_values=0)
     if refused is not None:
         return refused
-    # A copy-free view: valid only while `image` lives, which it does to the end of this function.
-    voxels = sitk.GetArrayViewFromImage(image)
-    problems = []
-    if bad := _non_finite(voxels):
-        problems.append(f"contains {bad} NaN/Inf voxels")
-    elif not np.any(voxels):
-        problems.append("image is empty (all voxels are 0)")
-    return FileCheck(path, geometry, tuple(problems))
+    if stats.non_finite:
+        return FileCheck(path, geometry, (f"contains {stats.non_finite} NaN/Inf voxels",))
+    if not stats.nonzero:
+        return FileCheck(path, geometry, ("image is empty (all voxels are 0)",))
+    return FileCheck(path, geometry)
 
 
 def inspect_mask(
@@ -118,17 +115,20 @@ def inspect_mask(
 ) -> FileCheck:
     """Check a mask file on its own: readable, 3D scalar, finite, values within `allowed_labels`."""
     path = Path(path)
-    refused, geometry, image = _read(path)
+    allowed = {0, *(int(v) for v in allowed_labels)}
+    # Collecting a few more distinct values than allowed is enough to name what is wrong.
+    cap = len(allowed) + config.max_listed_values
+    refused, geometry, stats = _read(path, max_values=cap)
     if refused is not None:
         return refused
-    # A copy-free view: valid only while `image` lives, which it does to the end of this function.
-    voxels = sitk.GetArrayViewFromImage(image)
-    if bad := _non_finite(voxels):
-        return FileCheck(path, geometry, (f"contains {bad} NaN/Inf voxels",))
-    allowed = {0, *(int(v) for v in allowed_labels)}
-    values = np.unique(voxels)
-    if any(float(v) not in allowed for v in values):
-        shown = _format_values(values, config.max_listed_values)
+    if stats.non_finite:
+        return FileCheck(path, geometry, (f"contains {stats.non_finite} NaN/Inf voxels",))
+    values = stats.values
+    if values is None or any(v not in allowed for v in values):
+        if values is None:
+            shown = f"{{more than {cap} distinct}}"
+        else:
+            shown = _format_values(values, config.max_listed_values)
         if allowed == {0, 1}:
             msg = f"mask is not binary: values {shown}"
         else:

@@ -147,6 +147,19 @@ def san_entry(name: str) -> x509.GeneralName:
     return x509.DNSName(name.lower())
 
 
+def enclosing_flower_app(path: Path) -> Path | None:
+    """The Flower app folder (pyproject.toml with [tool.flwr.app]) that contains `path`, if any:
+    `flwr run` bundles that folder and ships it to every site, keys included unless ignored."""
+    for folder in Path(path).expanduser().resolve().parents:
+        pyproject = folder / "pyproject.toml"
+        try:
+            if "[tool.flwr.app" in pyproject.read_text(errors="replace"):
+                return folder
+        except OSError:
+            continue
+    return None
+
+
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
@@ -280,8 +293,8 @@ def readme_text(layout: CertLayout, sans: Sequence[str], sites: Sequence[str], d
         f"Validity: {days} days from generation.",
         "",
         "SECRET files (mode 0600; never e-mail them, never commit them, keep a backup offline):",
-        f"  {rel(layout.ca_key):32s} the CA key. Keep it OFFLINE at the coordinator; only needed to",
-        f"  {'':32s} issue a new server certificate. Whoever holds it can impersonate the SuperLink.",
+        f"  {rel(layout.ca_key):32s} the CA key: keep it offline at the coordinator. Whoever",
+        f"  {'':32s} holds it can impersonate the SuperLink to every site.",
         f"  {rel(layout.server_key):32s} SuperLink TLS key. Stays on the coordinator's SuperLink host.",
     ]
     for site in sites:
@@ -353,4 +366,28 @@ def generate_federation_certs(out: Path, config: CertConfig) -> CertLayout:
     for folder in [layout.ca_key.parent, layout.superlink_dir, *map(layout.site_dir, sites)]:
         os.chmod(folder, 0o700)
     write_file(layout.readme, readme_text(layout, config.sans, sites, config.days).encode(), False)
+    return layout
+
+
+def add_sites(out: Path, sites: Sequence[str], force: bool = False) -> CertLayout:
+    """Key pairs for new sites in an existing output folder, keeping its CA and server
+    certificate (node keys do not depend on the CA: sites already running are unaffected)."""
+    layout = CertLayout(Path(out).expanduser().resolve())
+    if not layout.ca_cert.is_file():
+        raise CertError(f"{layout.ca_cert}: not found; create the federation first (without --add-sites)")
+    sites = tuple(validate_site(s) for s in sites)
+    if not sites:
+        raise CertError("--add-sites needs --sites")
+    known = {s.lower() for s in layout.sites()}
+    for site in sites:
+        paths = (layout.site_key(site), layout.site_pub(site), layout.site_ca(site))
+        if not force and (site.lower() in known or any(p.exists() for p in paths)):
+            raise OverwriteError(f"{layout.site_dir(site)}: site exists already (use --force to replace its key)")
+    ca_pem = layout.ca_cert.read_bytes()
+    for site in sites:
+        private, public = make_site_keypair(site)
+        write_file(layout.site_key(site), private, secret=True)
+        write_file(layout.site_pub(site), public, secret=False)
+        write_file(layout.site_ca(site), ca_pem, secret=False)
+        os.chmod(layout.site_dir(site), 0o700)
     return layout

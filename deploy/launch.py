@@ -207,8 +207,8 @@ class SuperNodeConfig:
     @property
     def node_config(self) -> dict[str, str]:
         """What the ClientApp reads from `context.node_config`."""
-        return {"site": self.site, "role": self.role, "data-dir": str(self.data_dir),
-                "cache-dir": str(self.cache)}
+        return {"site": self.site, "role": self.role, "data-dir": str(_abs(self.data_dir)),
+                "cache-dir": str(_abs(self.cache))}
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -344,14 +344,25 @@ def missing_files(paths: Sequence[Path]) -> list[str]:
     return [f"{p}: file not found" for p in paths if not Path(p).is_file()]
 
 
-def run_foreground(command: Command) -> int:
-    """Run in the foreground (Ctrl-C reaches it through the terminal); return its exit status."""
+def run_foreground(command: Command, replace_process: bool = True) -> int:
+    """Run `command` in the foreground and return its exit status.
+
+    On POSIX the current process becomes the command (exec): a service manager's SIGTERM, a
+    terminal's Ctrl-C and the exit status then reach and come from Flower directly, and no
+    wrapper can die and leave it orphaned."""
     if command.cwd is not None:
         Path(command.cwd).mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(list(command.argv), env=command.full_env(), cwd=command.cwd)
+    env = command.full_env()
+    if replace_process and os.name == "posix":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if command.cwd is not None:
+            os.chdir(command.cwd)
+        os.execvpe(command.argv[0], list(command.argv), env)
+    proc = subprocess.Popen(list(command.argv), env=env, cwd=command.cwd)
     try:
         return proc.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the child got the terminal's SIGINT too: give it time to stop
         try:
             return proc.wait(timeout=15)
         except subprocess.TimeoutExpired:

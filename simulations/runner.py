@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from deploy.process import ManagedProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONNECTION = "fedliver-sim"
@@ -32,12 +32,6 @@ class SimulationSpec:
     app_dir: Path = REPO_ROOT
     timeout_s: float = 3600.0
     env: Mapping[str, str] = field(default_factory=dict)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def toml_value(value: object) -> str:
@@ -62,6 +56,7 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
         FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         RAY_DEDUP_LOGS="0",
+        OMP_WAIT_POLICY="PASSIVE",  # busy-waiting OpenMP threads starve each other on shared cores
         PYTHONUNBUFFERED="1",
     )
     env.update(extra or {})
@@ -81,36 +76,6 @@ def write_connection(flwr_home: Path, port: int, spec: SimulationSpec) -> None:
     )
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with {process.returncode}; see {log}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"flower-superlink did not listen on 127.0.0.1:{port} within {timeout:.0f}s; see {log}")
-
-
-def stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the process's whole session, then SIGKILL whatever is left."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # children (Ray workers) may outlive the leader
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
 def run_simulation(spec: SimulationSpec) -> int:
     """Run the app to completion; returns the run id. Raises if the run did not complete."""
     run_dir = spec.run_dir.resolve()
@@ -120,16 +85,16 @@ def run_simulation(spec: SimulationSpec) -> int:
     write_connection(flwr_home, port, spec)
     env = flower_env(flwr_home, spec.env)
     log_path = run_dir / "superlink.log"
-    with log_path.open("ab") as log:
-        superlink = subprocess.Popen(
-            [
-                _bin("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
-                "--host", "127.0.0.1", "--port", str(port), "--database", str(run_dir / "superlink_state.db"),
-            ],
-            cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    superlink = ManagedProcess(
+        "flower-superlink",
+        [
+            _bin("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(port), "--database", str(run_dir / "superlink_state.db"),
+        ],
+        log_path, env=env, cwd=run_dir,
+    )
     try:
-        _wait_for_port(port, superlink, 60, log_path)
+        superlink.start().wait_for_port("127.0.0.1", port, timeout=60)
         run_config = " ".join(f"{key}={toml_value(value)}" for key, value in spec.run_config.items())
         submitted = subprocess.run(
             [_bin("flwr"), "run", str(spec.app_dir), CONNECTION, "--run-config", run_config, "--format", "json"],
@@ -137,7 +102,7 @@ def run_simulation(spec: SimulationSpec) -> int:
         )
         run_id = _run_id(submitted)
         streamed = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], cwd=run_dir, env=env)
-        status = _wait_for_run(run_id, run_dir, env, spec.timeout_s)
+        status = _wait_for_run(run_id, run_dir, env, spec.timeout_s, superlink)
         try:  # let the log stream print its last lines
             streamed.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -147,7 +112,7 @@ def run_simulation(spec: SimulationSpec) -> int:
             raise RuntimeError(f"run {run_id} ended as {status!r}; logs: {log_path} and the output above")
         return run_id
     finally:
-        stop_process_group(superlink)
+        superlink.stop(timeout=10)
 
 
 def _run_id(result: subprocess.CompletedProcess) -> int:
@@ -158,9 +123,12 @@ def _run_id(result: subprocess.CompletedProcess) -> int:
         raise RuntimeError(f"flwr run failed (exit {result.returncode}): {result.stdout.strip()} {result.stderr.strip()}")
 
 
-def _wait_for_run(run_id: int, run_dir: Path, env: Mapping[str, str], timeout: float) -> str:
+def _wait_for_run(run_id: int, run_dir: Path, env: Mapping[str, str], timeout: float, superlink: ManagedProcess) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        superlink.tree()  # remember every process it spawned, so that stop() finds them all
+        if not superlink.running:
+            return f"superlink exited with status {superlink.poll()}"
         listed = subprocess.run(
             [_bin("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
             cwd=run_dir, env=dict(env), capture_output=True, text=True, timeout=60,

@@ -22,6 +22,7 @@ from common.stunet import build_stunet, build_stunet_from_plans
 def _one_thread():
     old = torch.get_num_threads()
     torch.set_num_threads(1)
+    torch.manual_seed(1234)
     yield
     torch.set_num_threads(old)
 
@@ -99,6 +100,7 @@ def test_sliding_window_deep_supervision_output_uses_full_resolution():
 
 def test_sliding_window_pointwise_net_is_exact():
     data = torch.randn(1, 21, 45, 37)
+    data[data.abs() < 1e-3] = 0.5  # no near-ties at 0.5/0.5
     probs = sliding_window_predict([ThresholdNet()], data, PATCH, step=0.5, mirror=True, batch_size=2)
     assert torch.equal(probs.argmax(0), (data[0] > 0).long())
 
@@ -166,3 +168,109 @@ def test_predict_image_unreadable_file(tmp_path):
     bad.write_bytes(b"\x1f\x8bnot really gzip")
     with pytest.raises(ImageReadError, match="broken.nii.gz"):
         predict_image([ThresholdNet()], bad, default_test_plans())
+
+
+# --------------------------------------------------------------------------------------------- CLI
+@pytest.fixture
+def model_dir(tmp_path):
+    from common.model_dir import save_model_dir
+
+    plans = default_test_plans(patch_size=(16, 32, 32), spacing=(4.0, 3.0, 3.0))
+    branches = {}
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        branches[name] = build_stunet_from_plans(plans, deep_supervision=True).state_dict()
+    save_model_dir(tmp_path / "model", branches, plans, {"round": 1})
+    return tmp_path / "model"
+
+
+def _liqa_tree(root: Path) -> Path:
+    """Two labeled cases; case 2's T2 is corrupt; case 1 has an unlabeled T1."""
+    for n, case in enumerate(("0001-A-S1", "0002-A-S2")):
+        folder = root / "Vendor_A" / case
+        img = _phantom((9, 40, 36), seed=n)
+        _write(img, folder / "GED4.nii.gz", spacing_xyz=(1.5, 1.5, 3.0))
+        _write((img == 100).astype(np.uint8), folder / "mask_GED4.nii.gz", spacing_xyz=(1.5, 1.5, 3.0))
+    _write(_phantom((7, 33, 30), seed=5), root / "Vendor_A" / "0001-A-S1" / "T1.nii.gz",
+           spacing_xyz=(1.2, 1.2, 6.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    (root / "Vendor_A" / "0002-A-S2" / "T2.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    return root
+
+
+def test_predict_and_evaluate_cli(tmp_path, model_dir, capsys):
+    from common.metrics import evaluate_pair
+    from fedliver.cli import main
+
+    data = _liqa_tree(tmp_path / "data")
+    out = tmp_path / "pred"
+    rc = main(["predict", "-i", str(data), "-o", str(out), "-m", str(model_dir), "--branch", "both"])
+    captured = capsys.readouterr()
+    assert rc == 1  # the corrupt T2 failed ...
+    bad = [line for line in captured.err.splitlines() if "T2.nii.gz" in line]
+    assert len(bad) == 1 and "0002-A-S2" in bad[0]
+    produced = sorted(str(p.relative_to(out)) for p in out.rglob("*.nii.gz"))
+    assert produced == ["0001-A-S1/GED4_pred.nii.gz", "0001-A-S1/T1_pred.nii.gz", "0002-A-S2/GED4_pred.nii.gz"]
+    assert sum(" s -> " in line for line in captured.out.splitlines()) == 3  # one progress line per volume
+    for rel in produced:  # ... and the rest sits on its input's raw grid
+        case, name = rel.split("/")
+        src = sitk.ReadImage(str(data / "Vendor_A" / case / name.replace("_pred", "")))
+        pred = sitk.ReadImage(str(out / rel))
+        assert pred.GetPixelID() == sitk.sitkUInt8
+        assert (pred.GetSize(), pred.GetSpacing(), pred.GetOrigin(), pred.GetDirection()) == \
+               (src.GetSize(), src.GetSpacing(), src.GetOrigin(), src.GetDirection())
+        assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1}
+
+    # A reference identical to the prediction must score Dice 1 / HD95 0.
+    (data / "Vendor_A" / "0002-A-S2" / "mask_GED4.nii.gz").write_bytes((out / "0002-A-S2" / "GED4_pred.nii.gz").read_bytes())
+    rc = main(["evaluate", "--pred", str(out), "--truth", str(data)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    assert set(report["cases"]) == {"0001-A-S1", "0002-A-S2"}
+    assert report["cases"]["0002-A-S2"]["GED4"] == {"dice": 1.0, "hd95": 0.0}
+    expected = evaluate_pair(out / "0001-A-S1" / "GED4_pred.nii.gz", data / "Vendor_A" / "0001-A-S1" / "mask_GED4.nii.gz")
+    assert report["cases"]["0001-A-S1"]["GED4"] == pytest.approx(expected)
+    assert report["summary"]["GED4"]["dice"]["n"] == 2
+    assert report["summary"]["GED4"]["dice"]["mean"] == pytest.approx((1.0 + expected["dice"]) / 2)
+    assert report["summary_by_center"]["A"]["GED4"]["hd95"]["n"] == 2
+    assert report["missing_truth"] == [str(out / "0001-A-S1" / "T1_pred.nii.gz")]
+    assert "GED4" in printed and "no reference" in printed
+
+    # A prediction on another grid than its reference: one line, listed, exit 1, file still written.
+    (out / "0001-A-S1" / "GED4_pred.nii.gz").write_bytes((out / "0001-A-S1" / "T1_pred.nii.gz").read_bytes())
+    rc = main(["evaluate", "--pred", str(out), "--truth", str(data), "--json", str(tmp_path / "e.json")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "0001-A-S1/GED4_pred.nii.gz" in err and "size" in err
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert list(report["cases"]) == ["0002-A-S2"] and len(report["errors"]) == 1
+
+
+def test_predict_plain_folder(tmp_path, model_dir, capsys):
+    from fedliver.cli import main
+    from fedliver.commands.predict import plain_jobs
+
+    names = ["T1.nii.gz", "0007-C_T2.nii.gz", "0008-C_DWI_800.nii.gz", "case9_0000.nii.gz", "scan.nii",
+             "mask_GED4.nii.gz", "notes.txt"]
+    jobs, notes = plain_jobs([tmp_path / n for n in names], "0005-B1")
+    assert [(j.case_id, j.phase) for j in jobs] == [
+        ("0005-B1", "T1"), ("0007-C", "T2"), ("0008-C", "DWI_800"), ("case9", "GED4"), ("scan", "GED4")]
+    assert notes == []
+
+    folder = tmp_path / "plain"
+    _write(_phantom((6, 30, 30)), folder / "liver7.nii.gz", spacing_xyz=(1.5, 1.5, 4.0))
+    _write(_phantom((6, 30, 30), seed=2), folder / "liver8_T1.nii.gz", spacing_xyz=(1.5, 1.5, 4.0))
+    out = tmp_path / "out"
+    rc = main(["predict", "-i", str(folder), "-o", str(out), "-m", str(model_dir), "--branch", "a",
+               "--phases", "T1"])
+    assert rc == 0, capsys.readouterr().err
+    assert [str(p.relative_to(out)) for p in out.rglob("*.nii.gz")] == ["liver8/T1_pred.nii.gz"]
+
+
+def test_predict_refuses_tampered_model(tmp_path, model_dir, capsys):
+    from fedliver.cli import main
+
+    info = model_dir / "info.json"
+    info.write_text(info.read_text().replace("1", "2"))
+    rc = main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(model_dir)])
+    assert rc == 1 and "info.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -11,6 +11,15 @@ from common.stunet import build_stunet
 STRIDES = [[2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 1, 1], [1, 1, 1]]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The CPUs are shared: keep each test on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_net(seed: int, in_channels: int = 1, num_classes: int = 2, base_width: int = 4):
     torch.manual_seed(seed)
     return build_stunet("T", in_channels=in_channels, num_classes=num_classes, base_width=base_width,
@@ -79,6 +88,18 @@ def test_heads_not_copied_even_when_class_count_matches(tmp_path):
     assert not torch.equal(net.state_dict()[w], two_class.state_dict()[w])
     assert torch.equal(net.state_dict()["conv_blocks_localization.4.0.conv2.weight"],
                        two_class.state_dict()["conv_blocks_localization.4.0.conv2.weight"])
+
+
+def test_weights_do_not_depend_on_the_plan_strides(tmp_path):
+    # Released weights come from the [2,2,2]x4 + [1,1,2] plan; a site's plan has other strides.
+    torch.manual_seed(0)
+    pretrained = build_stunet("T", num_classes=105, base_width=4, strides=None)
+    path = tmp_path / "pretraining_plan.model"
+    write_v1(path, pretrained.state_dict())
+    net = small_net(seed=1)
+    assert net.strides != pretrained.strides
+    report = load_pretrained(net, path)
+    assert len(report.loaded) == len(body(pretrained.state_dict()))
 
 
 def test_half_precision_checkpoint_is_cast(tmp_path, source):

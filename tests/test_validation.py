@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from common.discovery import Case
-from common.nifti import Geometry, ImageReadError, geometry_differences, read_image, read_info
+from common.nifti import Geometry, ImageReadError, geometry_differences, read_image, read_info, voxel_stats
 from common.validation import (
     Problem,
     ValidationConfig,
@@ -30,8 +30,7 @@ SPACING_XYZ = (1.0, 1.0, 2.5)
 def blob(shape=SHAPE_ZYX) -> np.ndarray:
     """An ellipsoid of ones in the middle of a zero volume (z, y, x)."""
     z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
-    c = [s / 2 for s in shape]
-    inside = ((z - c[0]) / (shape[0] / 3)) ** 2 + ((y - c[1]) / (shape[1] / 3)) ** 2 + ((x - c[2]) / (shape[2] / 3)) ** 2
+    inside = sum(((axis - s / 2) / (s / 3)) ** 2 for axis, s in zip((z, y, x), shape))
     return (inside <= 1).astype(np.uint8)
 
 
@@ -224,3 +223,36 @@ def test_case_without_valid_image_is_dropped(tmp_path):
     kept, problems = validate_case(Case("0002-A", "A", None, images={"GED4": broken}, masks={}))
     assert kept is None
     assert [str(p) for p in problems][-1] == f"{broken.parent}: case 0002-A dropped: no valid image"
+
+
+def test_voxel_stats_streams_in_chunks(tmp_path):
+    array = volume()
+    array[3, 4, 5] = np.nan
+    array[10, :, 0] = 0
+    path = write(tmp_path / "GED4.nii.gz", array)
+    whole = voxel_stats(path)
+    pieces = voxel_stats(path, chunk_bytes=1000)  # 17 chunks and a remainder
+    assert whole == pieces
+    assert whole.count == array.size and whole.non_finite == 1
+    assert whole.nonzero == int(np.count_nonzero(np.nan_to_num(array)))
+    labels = blob()
+    labels[0, 0, 0] = 2
+    stats = voxel_stats(write(tmp_path / "mask.nii.gz", labels), max_values=5, chunk_bytes=777)
+    assert stats.values == (0.0, 1.0, 2.0)
+
+
+def test_image_given_as_mask(tmp_path, pair):
+    [message] = messages(check_mask(pair[0], pair[0]))
+    assert message == "mask is not binary: values {more than 10 distinct}"
+
+
+def test_gzip_crc_error_is_caught(tmp_path, pair):
+    # Intact data and length field, a wrong CRC32 (trailer bytes -8..-5).
+    data = bytearray(pair[1].read_bytes())
+    data[-5] ^= 0xFF
+    broken = tmp_path / "mask_GED4.nii.gz"
+    broken.write_bytes(bytes(data))
+    [message] = messages(check_mask(broken, pair[0]))
+    assert message.startswith("cannot read: ")
+    with pytest.raises(ImageReadError, match="CRC check failed"):
+        voxel_stats(broken)

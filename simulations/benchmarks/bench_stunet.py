@@ -4,7 +4,9 @@ Meant to be run ALONE on an idle machine (timings are meaningless while other jo
 
     python -m simulations.benchmarks.bench_stunet --widths 8,6,4 --patches 32x64x64,48x96x96
 
-Each (size, width, patch) runs in its own subprocess, so its peak RSS is its own. The loss is a
+Each (size, width, patch) runs in its own subprocess, so its peak RSS is its own. The children get
+OMP_WAIT_POLICY=PASSIVE (unless --omp-wait-policy says otherwise): with OpenMP's default spinning,
+2 threads on cores that other processes also use ran 10-25x slower here (40 s instead of 1.6 s). The loss is a
 deep-supervision cross-entropy over the 5 heads, as in training; one CPS iteration costs about two
 of these (two nets), plus the pseudo-label cross terms (no extra backward).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--omp-wait-policy", default="PASSIVE",
+                        help="OMP_WAIT_POLICY for the children ('' leaves the environment as it is)")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     widths = [None if w == "default" else int(w) for w in args.widths.split(",")]
@@ -68,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.single:  # child process: one configuration, one JSON line
         print(json.dumps(measure(args.size, widths[0], patches[0], args.batch, args.threads, args.iterations)))
         return 0
-    print("run alone on an idle machine; fwd+bwd+step of ONE net (a CPS iteration is about 2x)")
+    env = dict(os.environ)
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    print("run alone on an idle machine; fwd+bwd+step of ONE net (a CPS iteration is about 2x); "
+          f"OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', '(unset)')}, load average {os.getloadavg()[0]:.1f}")
     print(f"{'size':>4} {'width':>5} {'params(M)':>9} {'patch':>10} {'batch':>5} {'s/iter':>7} "
           f"{'min s':>6} {'peak RSS MiB':>12}")
     for patch in patches:
@@ -77,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
                    "--size", args.size, "--widths", "default" if width is None else str(width),
                    "--patches", "x".join(map(str, patch)), "--batch", str(args.batch),
                    "--threads", str(args.threads), "--iterations", str(args.iterations)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode:
                 print(f"{args.size} width {width} patch {patch}: failed: {done.stderr.strip().splitlines()[-1:]}")
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"{r['size']:>4} {r['width']:>5} {r['params_M']:>9} {r['patch']:>10} {r['batch']:>5} "
                   f"{r['s_per_iter']:>7} {r['min_s']:>6} {r['peak_rss_MiB']:>12}", flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f} (more than the thread count: numbers are inflated)")
     return 0
 
 

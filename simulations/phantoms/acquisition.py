@@ -7,7 +7,10 @@ image was sampled at, so every phase's mask is aligned with that phase's image.
 
 from __future__ import annotations
 
+import gzip
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -112,9 +115,9 @@ class EPIDistortion:
 def bias_field(p: Points, rng: np.random.Generator, strength: float) -> np.ndarray:
     """Smooth multiplicative field: a random low-order polynomial plus brighter near the coils."""
     x, y, z = p[0] / 200.0, p[1] / 150.0, p[2] / 150.0
-    c = rng.normal(0, 1, 6) * strength * 0.5
+    c = (rng.normal(0, 1, 6) * strength * 0.5).astype(np.float32)
     log = c[0] * x + c[1] * y + c[2] * z + c[3] * x * x + c[4] * x * y + c[5] * z * z
-    log = log + strength * 0.6 * (y * y)  # surface coils front and back
+    log = log + np.float32(strength * 0.6) * (y * y)  # surface coils front and back
     return np.exp(log).astype(np.float32)
 
 
@@ -122,17 +125,21 @@ def bias_field(p: Points, rng: np.random.Generator, strength: float) -> np.ndarr
 class PhaseImage:
     image: sitk.Image
     mask: sitk.Image
+    tissue: np.ndarray   # (z, y, x) `Tissue` labels behind the image, for checks and debugging
 
 
 def render_phase(anatomy: Anatomy, grid: GridSpec, phase: str, center: CenterProfile, motion: Motion,
                  rng: np.random.Generator, *, distortion: EPIDistortion | None = None,
-                 jitter: np.ndarray | None = None, gain: float = 1.0) -> PhaseImage:
-    """Image and liver mask (uint8 0/1) of one phase on `grid`."""
+                 jitter: np.ndarray | None = None, gain: float = 1.0, tumor_value: int | None = None) -> PhaseImage:
+    """Image and liver mask (uint8 0/1) of one phase on `grid`.
+
+    With `tumor_value`, tumour voxels of the mask carry that value instead of 1 (ATLAS labels).
+    """
     p = grid.points()
     q = motion.apply(p)
     if distortion is not None:
         q = distortion.apply(q)
-    s = anatomy.evaluate(q, breathing=motion.breathing)
+    s = anatomy.evaluate(q, breathing=motion.breathing, run=grid.size[0] * grid.size[1])
 
     table = signal_table(phase, fat_suppression=center.fat_suppression, stage=anatomy.stage, jitter=jitter)
     img = table[s.labels]
@@ -141,6 +148,7 @@ def render_phase(anatomy: Anatomy, grid: GridSpec, phase: str, center: CenterPro
     img[liver] *= 1.0 + h * s.hetero[liver] + sep * s.septa[liver]
     if s.tumor.any():
         img[s.tumor] *= 1.0 + 0.12 * s.hetero[s.tumor]
+    img *= 1.0 + np.float32(0.05) * s.mottle
 
     shape = grid.shape_zyx
     img = img.reshape(shape)
@@ -154,8 +162,11 @@ def render_phase(anatomy: Anatomy, grid: GridSpec, phase: str, center: CenterPro
     img = np.sqrt((img + n1) ** 2 + n2 ** 2)  # magnitude of complex data: Rician
 
     img = _scale(img, center, phase, gain)
-    mask = s.liver.reshape(shape).astype(np.uint8)
-    return PhaseImage(_to_sitk(img, grid), _to_sitk(mask, grid))
+    mask = s.liver.astype(np.uint8)
+    if tumor_value is not None:
+        mask[s.tumor] = tumor_value
+    mask = mask.reshape(shape)
+    return PhaseImage(_to_sitk(img, grid), _to_sitk(mask, grid), s.labels.reshape(shape))
 
 
 _RAW_PHASE_SCALE = {"T1": 0.8, "T2": 0.65, "DWI_800": 0.2, "GED1": 1.0, "GED2": 1.0, "GED3": 1.0, "GED4": 1.0}
@@ -164,11 +175,25 @@ _RAW_PHASE_SCALE = {"T1": 0.8, "T2": 0.65, "DWI_800": 0.2, "GED1": 1.0, "GED2": 
 def _scale(img: np.ndarray, center: CenterProfile, phase: str, gain: float) -> np.ndarray:
     if center.intensity == "scaled255":
         hi = float(np.percentile(img, 99.8)) or 1.0
-        return np.clip(img * (255.0 / hi), 0, 255).astype(np.float32)
+        # integer-valued, as 8-bit exports converted to float are (and it compresses like them)
+        return np.rint(np.clip(img * np.float32(255.0 / hi), 0, 255)).astype(np.float32)
     raw = img * (center.raw_scale * _RAW_PHASE_SCALE.get(phase, 1.0) * gain)
     if center.dtype == "int16":
         return np.clip(np.rint(raw), 0, 32767).astype(np.int16)
     return raw.astype(np.float32)
+
+
+def write_nifti_gz(image: sitk.Image, path: Path) -> None:
+    """SimpleITK writes the NIfTI; gzip level 1 with a zero timestamp compresses it: several times
+    faster than SimpleITK's own compression for noisy float data, and byte-reproducible."""
+    path = Path(path)
+    raw = path.with_name(f".{path.name}.{os.getpid()}.nii")
+    try:
+        sitk.WriteImage(image, str(raw), False)
+        data = raw.read_bytes()
+    finally:
+        raw.unlink(missing_ok=True)
+    path.write_bytes(gzip.compress(data, compresslevel=1, mtime=0))
 
 
 def _to_sitk(arr: np.ndarray, grid: GridSpec) -> sitk.Image:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from common.phases import PHASES
 
 
 @dataclass(frozen=True)
@@ -36,14 +35,14 @@ class CenterProfile:
 
 CENTERS: dict[str, CenterProfile] = {
     "A": CenterProfile("A", vendor="vendor-1", orientation="identity", intensity="raw", dtype="int16",
-                       raw_scale=1100.0, noise=0.025, dwi_noise=0.05, bias=0.15, fat_suppression=0.95),
+                       raw_scale=1100.0, noise=0.025, dwi_noise=0.035, bias=0.15, fat_suppression=0.95),
     "B1": CenterProfile("B1", vendor="vendor-2", orientation="flip_xy", intensity="scaled255", dtype="float32",
-                        noise=0.03, dwi_noise=0.055, bias=0.2, fat_suppression=0.9, blur=0.7),
+                        noise=0.03, dwi_noise=0.04, bias=0.2, fat_suppression=0.9, blur=0.7),
     "B2": CenterProfile("B2", vendor="vendor-2", orientation="flip_xy", intensity="scaled255", dtype="float32",
-                        noise=0.045, dwi_noise=0.07, bias=0.25, fat_suppression=0.85, blur=0.8),
+                        noise=0.045, dwi_noise=0.055, bias=0.25, fat_suppression=0.85, blur=0.8),
     "C": CenterProfile("C", vendor="vendor-3", orientation="swap_xy_flip_z", intensity="raw", dtype="int16",
-                       raw_scale=2600.0, noise=0.02, dwi_noise=0.04, bias=0.4, fat_suppression=0.7,
-                       gamma=0.8, blur=0.45),
+                       raw_scale=2600.0, noise=0.028, dwi_noise=0.035, bias=0.4, fat_suppression=0.7,
+                       gamma=0.8, blur=0.55),
 }
 
 
@@ -100,9 +99,9 @@ DEMO = GeometryProfile(
     "demo",
     centers={
         "A": CenterGeometry(3.8, (96, 80), 6.0, 30),
-        "B1": CenterGeometry(3.6, (100, 84), 5.0, 34),
+        "B1": CenterGeometry(3.6, (100, 84), 5.0, 36),
         "B2": CenterGeometry(4.0, (88, 72), 7.0, 26),
-        "C": CenterGeometry(3.4, (100, 90), 5.5, 32, aspect=1.05),
+        "C": CenterGeometry(3.4, (100, 90), 5.5, 34, aspect=1.05),
     },
     phase_factors={"T1": (1.0, 1.15), "T2": (0.95, 1.2), "DWI_800": (1.6, 1.3)},
 )
@@ -137,6 +136,3 @@ def center_profile(name: str) -> CenterProfile:
                    noise=float(r.uniform(0.02, 0.045)), bias=float(r.uniform(0.1, 0.35)),
                    fat_suppression=float(r.uniform(0.75, 0.95)))
 
-
-def all_phases() -> tuple[str, ...]:
-    return PHASES

@@ -60,7 +60,7 @@ _BASE: dict[str, dict[Tissue, float]] = {
         Tissue.LUNG: 0.02, Tissue.HEART: 0.08, Tissue.PANCREAS: 0.28, Tissue.DISC: 0.55, Tissue.TUMOR: 0.45,
     },
     "DWI_800": {  # high b-value: restricted diffusion bright, free water and fat dark
-        Tissue.SUBQ_FAT: 0.05, Tissue.VISCERAL_FAT: 0.04, Tissue.MUSCLE: 0.08, Tissue.LIVER: 0.28,
+        Tissue.SUBQ_FAT: 0.08, Tissue.VISCERAL_FAT: 0.07, Tissue.MUSCLE: 0.10, Tissue.LIVER: 0.28,
         Tissue.SPLEEN: 0.75, Tissue.KIDNEY_CORTEX: 0.50, Tissue.KIDNEY_MEDULLA: 0.45, Tissue.BONE: 0.12,
         Tissue.CSF: 0.06, Tissue.AORTA: 0.02, Tissue.IVC: 0.02, Tissue.PORTAL_VEIN: 0.03,
         Tissue.HEPATIC_VEIN: 0.03, Tissue.STOMACH: 0.12, Tissue.BOWEL: 0.35, Tissue.GALLBLADDER: 0.06,
@@ -78,7 +78,7 @@ _BASE: dict[str, dict[Tissue, float]] = {
         Tissue.SPLEEN: 0.64, Tissue.KIDNEY_CORTEX: 0.76, Tissue.KIDNEY_MEDULLA: 0.70, Tissue.BONE: 0.38,
         Tissue.CSF: 0.05, Tissue.AORTA: 0.82, Tissue.IVC: 0.78, Tissue.PORTAL_VEIN: 0.92,
         Tissue.HEPATIC_VEIN: 0.80, Tissue.STOMACH: 0.14, Tissue.BOWEL: 0.45, Tissue.GALLBLADDER: 0.05,
-        Tissue.LUNG: 0.02, Tissue.HEART: 0.80, Tissue.PANCREAS: 0.55, Tissue.DISC: 0.18, Tissue.TUMOR: 0.38,
+        Tissue.LUNG: 0.02, Tissue.HEART: 0.80, Tissue.PANCREAS: 0.55, Tissue.DISC: 0.18, Tissue.TUMOR: 0.30,
     },
     "GED3": {  # transitional: vessels fading towards the parenchyma
         Tissue.SUBQ_FAT: 0.12, Tissue.VISCERAL_FAT: 0.10, Tissue.MUSCLE: 0.32, Tissue.LIVER: 0.62,

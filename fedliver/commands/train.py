@@ -1,0 +1,204 @@
+"""`fedliver train --data ROOT --out MODEL_DIR`: train a CPS pair of STU-Nets without federation.
+
+One center gives a site's local baseline; several centers are pooled (the centralized baseline).
+The steps are those of the federation, run in one process: index and validate the data, one
+fingerprint per center, merged, nnU-Net planning (STU-Net size and patch overrides), preprocessing
+into a cache, local CPS training, and a MODEL_DIR usable by `fedliver predict`.
+
+Labeled samples are the phases with a mask (GED4 in LiQA); unlabeled ones are the unlabeled GED4
+volumes plus --unlabeled-phases, each phase volume its own sample. --pretrain trains supervised on
+every labeled volume of an nnU-Net raw set (e.g. `fedliver atlas`, labels 1 and 2 = liver); its
+MODEL_DIR can then be passed to --init. A bad file prints one line `path: problem` and is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _ints(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers z,y,x, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a CPS pair of STU-Nets on one center (local) or several pooled (centralized)",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", type=Path, required=True, metavar="ROOT",
+                        help="LiQA root (Vendor_<X>/...), one Vendor_<X> folder, or an nnU-Net raw dataset")
+    parser.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR", help="MODEL_DIR to write")
+    parser.add_argument("--centers", type=_names, default=None, metavar="A,B1,B2",
+                        help="centers to train on, pooled (default: every center found)")
+    parser.add_argument("--mode", choices=("cps", "supervised"), default="cps",
+                        help="cps: labeled + unlabeled with cross pseudo supervision; supervised: labeled only")
+    parser.add_argument("--pretrain", action="store_true",
+                        help="supervised pretraining on every labeled volume (ATLAS-like nnU-Net raw set)")
+    parser.add_argument("--init", type=Path, default=None, metavar="PRETRAINED",
+                        help="initial body weights for both nets: a MODEL_DIR (branch a) or .pth/.model/.safetensors")
+    parser.add_argument("--iterations", type=int, default=200, help="training iterations (default 200)")
+    parser.add_argument("--size", default="T", choices=("T", "S", "B", "L", "H"), help="STU-Net size (default T)")
+    parser.add_argument("--base-width", type=int, default=None, help="override the size's first-stage width")
+    parser.add_argument("--patch", type=_ints, default=(32, 64, 64), metavar="Z,Y,X",
+                        help="patch size (default 32,64,64; rounded to the network's strides)")
+    parser.add_argument("--batch", type=int, default=2, help="labeled (and unlabeled) samples per iteration (default 2)")
+    parser.add_argument("--lr", type=float, default=0.01, help="initial learning rate of the poly schedule (default 0.01)")
+    parser.add_argument("--lambda-max", type=float, default=1.0, help="CPS weight after ramp-up (default 1.0)")
+    parser.add_argument("--rampup", type=int, default=None,
+                        help="CPS ramp-up iterations (default: 40%% of --iterations)")
+    parser.add_argument("--cps-loss", choices=("ce", "dice_ce"), default="ce", help="cross term (default ce)")
+    parser.add_argument("--unlabeled-phases", type=_names, default=["T1", "T2", "DWI_800"], metavar="T1,T2,...",
+                        help="phases used as unlabeled samples besides unlabeled GED4 (default T1,T2,DWI_800; "
+                             "add GED1,GED2,GED3 for the dynamic phases)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (net a: seed, net b: seed + 1)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="preprocessing cache folder (default: <out>/../cache)")
+    parser.add_argument("--agreement-volumes", type=int, default=1,
+                        help="unlabeled volumes per phase for the branch agreement signal (0: skip)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--log-every", type=int, default=10, help="progress line every N iterations")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.iterations < 1 or args.batch < 1:
+        print("--iterations and --batch must be >= 1", file=sys.stderr)
+        return 2
+    import torch
+
+    from client.site import SiteData, SiteIdentity
+    from common.discovery import index_dataset
+    from common.fingerprint import compute_site_fingerprint, merge_fingerprints
+    from common.model_dir import save_model_dir
+    from common.phases import PHASES
+    from common.planning import PlanningConfig, plan_from_fingerprint, plans_hash
+    from common.validation import ValidationError
+
+    unknown = [p for p in args.unlabeled_phases if p not in PHASES]
+    if unknown:
+        print(f"--unlabeled-phases: unknown phase(s) {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mode = "supervised" if args.pretrain else args.mode
+    out = args.out.resolve()
+    cache = (args.cache or out.parent / "cache").resolve()
+    started = time.perf_counter()
+
+    # Index once to learn the layout and centers; then one "site" per center, like the federation.
+    try:
+        index = index_dataset(args.data, centers=args.centers)
+    except ValidationError as e:
+        print(e, file=sys.stderr)
+        return 1
+    for problem in index.problems:
+        print(problem, file=sys.stderr)
+    if index.layout == "liqa":
+        centers = args.centers or index.centers
+        missing = [c for c in centers if c not in index.centers]
+        for c in missing:
+            print(f"{args.data}: no usable case of center {c}", file=sys.stderr)
+        groups = [(c, (c,)) for c in centers if c not in missing]
+    else:
+        groups = [(args.data.name, None)]
+    unlabeled_phases = tuple(args.unlabeled_phases)
+    sites = [SiteData(SiteIdentity(site=name, role="train", data_dir=args.data.resolve(), cache_dir=cache,
+                                   output_dir=out.parent, centers=filt), unlabeled_phases=unlabeled_phases)
+             for name, filt in groups]
+    if not sites:
+        print(f"{args.data}: nothing to train on", file=sys.stderr)
+        return 1
+
+    # Fingerprints per center, merged exactly, then planned: what the federation's first round does.
+    problems: list = []
+    fingerprints = []
+    for site in sites:
+        # Every image the site trains on in CPS mode, whatever the mode: ablations share one plan.
+        fingerprints.append(compute_site_fingerprint(site.fingerprint_pairs(), problems=problems))
+    merged = merge_fingerprints(fingerprints)
+    if merged.num_labeled == 0:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"{args.data}: no usable labeled volume", file=sys.stderr)
+        return 1
+    plans = plan_from_fingerprint(merged, PlanningConfig(size=args.size, base_width=args.base_width,
+                                                         patch_size=tuple(args.patch), batch_size=args.batch))
+    conf = plans["configurations"]["3d_fullres"]
+    print(f"plans {plans_hash(plans)[:12]}: spacing {conf['spacing']} (z, y, x), patch {conf['patch_size']}, "
+          f"STU-Net {args.size} {conf['architecture']['arch_kwargs']['features_per_stage']}")
+
+    labeled, unlabeled = [], []
+    for site in sites:
+        volumes = site.training_volumes(plans, include_unlabeled=mode == "cps")
+        labeled += volumes.labeled
+        unlabeled += volumes.unlabeled
+        problems += volumes.problems
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not labeled:
+        print(f"{args.data}: no labeled volume could be preprocessed", file=sys.stderr)
+        return 1
+    print(f"{len(labeled)} labeled and {len(unlabeled)} unlabeled volumes from "
+          f"{', '.join(name for name, _ in groups)} (cache {cache}), "
+          f"prepared in {time.perf_counter() - started:.0f} s")
+
+    from client.trainer import CPSTrainer, TrainerConfig
+
+    rampup = args.rampup if args.rampup is not None else (args.iterations * 2) // 5
+    config = TrainerConfig(mode=mode, batch_size=args.batch, patch_size=tuple(conf["patch_size"]),
+                           learning_rate=args.lr, lambda_max=args.lambda_max, rampup_iterations=rampup,
+                           cps_loss=args.cps_loss, seed=args.seed, log_every=args.log_every,
+                           pretrained=str(args.init) if args.init else None, device=args.device)
+    try:
+        trainer = CPSTrainer(plans, labeled, unlabeled, config, log=print)
+    except (ValueError, FileNotFoundError) as e:
+        print(e, file=sys.stderr)
+        return 1
+    stats = trainer.train(args.iterations)
+    agreement = {}
+    if mode == "cps" and unlabeled and args.agreement_volumes > 0:
+        agreement = trainer.branch_agreement(unlabeled, max_per_phase=args.agreement_volumes)
+        print("branch agreement (Dice a vs b): " + ", ".join(f"{p} {v:.3f}" for p, v in agreement.items()))
+
+    info = {
+        "kind": "pretrain" if args.pretrain else ("local" if len(sites) == 1 else "centralized"),
+        "mode": mode,
+        "iterations": args.iterations,
+        "centers": [name for name, _ in groups],
+        "data": str(args.data.resolve()),
+        "size": args.size,
+        "patch_size": conf["patch_size"],
+        "batch_size": args.batch,
+        "learning_rate": args.lr,
+        "lambda_max": args.lambda_max,
+        "rampup_iterations": rampup,
+        "cps_loss": args.cps_loss,
+        "unlabeled_phases": list(unlabeled_phases),
+        "seed": args.seed,
+        "init": str(args.init) if args.init else None,
+        "num_labeled": len(labeled),
+        "num_unlabeled": len(unlabeled),
+        "stats": stats.to_dict(),
+        "branch_agreement": agreement,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    save_model_dir(out, trainer.state_dicts(), plans, info)
+    print(f"wrote {out} ({stats.seconds_per_iteration:.2f} s/it, peak {stats.peak_memory_mib:.0f} MiB, "
+          f"{info['seconds']:.0f} s in all)")
+    return 0

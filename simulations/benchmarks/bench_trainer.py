@@ -1,0 +1,120 @@
+"""Local training cost: seconds per iteration and peak RSS, supervised vs CPS, at the demo configuration.
+
+    python -m simulations.benchmarks.bench_trainer [--size T] [--patch 32,64,64] [--batch 2] [--threads 2]
+
+One iteration = the whole `CPSTrainer` step: both nets forward + backward + SGD step, with nnU-Net
+augmentation prepared by the background prefetcher (its waiting time is reported separately).
+Supervised: both nets on the labeled batch. CPS: both nets on labeled + unlabeled batch (2x the
+samples) plus the cross terms. Each mode runs in its own subprocess, so its peak RSS is its own.
+Timings are only meaningful on an otherwise idle machine: the load average is printed with them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _volumes(root: Path, plans: dict, shape: tuple[int, int, int], cases: int = 2):
+    """Preprocessed GED4 (labeled) and T2 (unlabeled) volumes of synthetic liver-like images."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from common.discovery import Case
+    from common.preprocessing import PreprocessingCache
+
+    cache = PreprocessingCache(root / "cache", plans)
+    labeled, unlabeled = [], []
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    for i in range(cases):
+        mask = (((z - shape[0] / 2) / (shape[0] / 3)) ** 2 + ((y - shape[1] / 2) / (shape[1] / 3)) ** 2
+                + ((x - shape[2] / 2.2) / (shape[2] / 3)) ** 2 < 1).astype(np.uint8)
+        folder = root / f"{i:04d}-A"
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for name, arr in (("GED4", 60 + 100 * mask + rng.normal(0, 10, shape)),
+                          ("T2", 200 - 90 * mask + rng.normal(0, 10, shape)), ("mask_GED4", mask)):
+            img = sitk.GetImageFromArray(arr.astype(np.uint8 if name.startswith("mask") else np.float32))
+            img.SetSpacing((1.5, 1.5, 3.0))
+            sitk.WriteImage(img, str(folder / f"{name}.nii.gz"))
+            files[name] = folder / f"{name}.nii.gz"
+        case = Case(folder.name, "A", None, {"GED4": files["GED4"], "T2": files["T2"]}, {"GED4": files["mask_GED4"]})
+        labeled.append(cache.get(case, "GED4", with_mask=True))
+        unlabeled.append(cache.get(case, "T2", with_mask=False))
+    return labeled, unlabeled
+
+
+def measure(mode: str, size: str, patch: tuple[int, int, int], batch: int, threads: int, iterations: int,
+            prefetch: int) -> dict:
+    import torch
+
+    from client.trainer import CPSTrainer, TrainerConfig
+    from common.planning import default_test_plans
+
+    torch.set_num_threads(threads)
+    plans = default_test_plans(patch, spacing=(3.0, 1.5, 1.5), size=size)
+    shape = tuple(2 * p for p in patch)
+    with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
+        labeled, unlabeled = _volumes(Path(tmp), plans, shape)
+        config = TrainerConfig(mode=mode, batch_size=batch, seed=0, prefetch=prefetch, log_every=0)
+        trainer = CPSTrainer(plans, labeled, unlabeled, config, log=lambda _: None)
+        trainer.train(1)  # warm-up: allocator, oneDNN kernels, first volume loads
+        stats = trainer.train(iterations, start_iteration=1, total_iterations=iterations + 1)
+    conf = plans["configurations"]["3d_fullres"]
+    return {"mode": mode, "size": size, "widths": conf["architecture"]["arch_kwargs"]["features_per_stage"],
+            "patch": "x".join(map(str, conf["patch_size"])), "batch": batch, "threads": threads,
+            "s_per_iter": round(stats.seconds_per_iteration, 3),
+            "data_wait_s": round(stats.data_wait_per_iteration, 3),
+            "peak_rss_MiB": round(stats.peak_memory_mib)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="T", help="STU-Net size (T, S, B, L, H)")
+    parser.add_argument("--patch", default="32,64,64", help="z,y,x")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--prefetch", type=int, default=2, help="background batches (0: load inline)")
+    parser.add_argument("--modes", default="supervised,cps")
+    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    patch = tuple(int(v) for v in args.patch.split(","))
+    modes = [m for m in args.modes.split(",") if m]
+
+    if args.single:  # child process: one mode, one JSON line
+        print(json.dumps(measure(modes[0], args.size, patch, args.batch, args.threads, args.iterations,
+                                 args.prefetch)))
+        return 0
+    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
+          "(timings are only meaningful on an idle machine)")
+    results = {}
+    for mode in modes:
+        cmd = [sys.executable, "-m", "simulations.benchmarks.bench_trainer", "--single", "--modes", mode,
+               "--size", args.size, "--patch", args.patch, "--batch", str(args.batch),
+               "--threads", str(args.threads), "--iterations", str(args.iterations), "--prefetch", str(args.prefetch)]
+        started = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        r = results[mode]
+        print(f"{mode:>10}: {r['s_per_iter']:.3f} s/it (data wait {r['data_wait_s']:.3f}), peak {r['peak_rss_MiB']} MiB "
+              f"| STU-Net {r['size']} {r['widths']}, patch {r['patch']}, batch {r['batch']}, {r['threads']} threads "
+              f"| {time.perf_counter() - started:.0f} s wall")
+    if "supervised" in results and "cps" in results:
+        ratio = results["cps"]["s_per_iter"] / results["supervised"]["s_per_iter"]
+        print(f"CPS / supervised time per iteration: {ratio:.2f}x")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
