@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.evaluation import evaluate_pairs, write_qualitative_png
@@ -78,7 +79,8 @@ def fingerprint(msg: Message, context: Context) -> Message:
     config = FingerprintConfig.from_array(msg.content["fingerprint-config"]["config"].numpy())
     fp = compute_site_fingerprint(site.fingerprint_pairs(), config)
     _log(site, f"fingerprint of {len(site.fingerprint_pairs())} volumes in {time.perf_counter() - started:.1f}s")
-    return Message(RecordDict({"fingerprint": ArrayRecord(fp.to_arrays())}), reply_to=msg)
+    arrays = ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in fp.to_arrays().items()})
+    return Message(RecordDict({"fingerprint": arrays}), reply_to=msg)
 
 
 @app.train()
@@ -114,7 +116,8 @@ def train(msg: Message, context: Context) -> Message:
         reference=reference if float(config.get("proximal-mu", 0.0)) > 0 else None,
         log=lambda line: _log(site, line),
     )
-    agreement = trainer.branch_agreement(volumes.unlabeled, max_per_phase=int(config.get("agreement-volumes", 2)))
+    per_phase = int(config.get("agreement-volumes", 1))
+    agreement = trainer.branch_agreement(volumes.unlabeled, max_per_phase=per_phase) if per_phase > 0 else {}
 
     updated = flatten(trainer.state_dicts())
     if local_norm:
@@ -166,7 +169,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         net.load_state_dict(branches[name])
         nets.append(net.eval())
     started = time.perf_counter()
-    evaluation = evaluate_pairs(nets, plans, site.evaluation_pairs(), log=lambda line: _log(site, line))
+    evaluation = evaluate_pairs(
+        nets, plans, site.evaluation_pairs(), step=float(config.get("evaluate-step", 0.5)), log=lambda line: _log(site, line)
+    )
     server_round = int(config.get("server-round", 0))
     summary = ", ".join(f"{k}={v:.3f}" for k, v in sorted(evaluation.metrics().items()) if k.startswith("dice-"))
     _log(site, f"round {server_round} evaluation in {time.perf_counter() - started:.1f}s: {summary}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Iterator, Sequence, TypeVar
@@ -309,9 +310,16 @@ class Prefetcher(Generic[T]):
                 raise RuntimeError(f"prefetcher limit of {self._limit} items reached")
             self._produced += 1
             return self._produce()
-        if self._exhausted() and self._queue.empty() and not self._thread.is_alive():
-            raise RuntimeError(f"prefetcher limit of {self._limit} items reached")
-        item = self._queue.get(timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:  # short waits, so a producer that has ended (limit reached) is noticed
+            try:
+                item = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError(f"prefetcher has nothing more to give (limit {self._limit})") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"no batch within {timeout} s") from None
         if isinstance(item, _Failure):
             raise item.error
         return item

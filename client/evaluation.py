@@ -50,6 +50,7 @@ def evaluate_pairs(
     plans: dict,
     pairs: Sequence[tuple[Case, str]],
     *,
+    step: float = 0.5,
     log: Callable[[str], None] = print,
 ) -> SiteEvaluation:
     """Predict every (case, phase) with a mask and score it against that mask."""
@@ -59,7 +60,7 @@ def evaluate_pairs(
     for case, phase in pairs:
         image_path, mask_path = case.images[phase], case.masks[phase]
         try:
-            prediction = sitk.GetArrayFromImage(predict_image(nets, image_path, plans)) > 0
+            prediction = sitk.GetArrayFromImage(predict_image(nets, image_path, plans, step=step)) > 0
             mask_image = sitk.ReadImage(str(mask_path))
             truth = np.isin(sitk.GetArrayFromImage(mask_image), case.foreground_labels)
         except Exception as error:  # one bad volume must not stop the evaluation

@@ -60,6 +60,7 @@ class TrainerConfig:
     log_every: int = 10                        # progress line every N iterations (0: only the last)
     pretrained: str | None = None              # body weights for both nets: checkpoint file or MODEL_DIR
     device: str = "cpu"
+    channels_last_convs: bool | None = None    # faster 3x3x3 convs on CPU (None: on when device is CPU)
 
     def __post_init__(self) -> None:
         if self.rampup is not None:
@@ -115,6 +116,30 @@ def _build_net(plans: dict, seed: int) -> nn.Module:
         return build_stunet_from_plans(plans, num_classes=2, deep_supervision=True)
 
 
+def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(memory_format=torch.channels_last_3d),) + tuple(args[1:])
+
+
+def _to_contiguous(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.contiguous()
+
+
+def use_channels_last_convs(net: nn.Module) -> nn.Module:
+    """Run the net's 3x3x3 convs in channels-last-3d layout, everything else in the default one.
+
+    On CPU, oneDNN's 3D convs with few channels (STU-Net "T": 8-128) are 2-3x faster forward and
+    backward in channels-last, while instance norm and the rest are slower there; converting around
+    each conv wins overall (measured here: one net, batch 4, 32x64x64, 1.6 -> 1.1 s per fwd+bwd).
+    Same results up to float rounding; parameter names and values are unchanged.
+    """
+    for module in net.modules():
+        if isinstance(module, nn.Conv3d) and module.kernel_size == (3, 3, 3):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            module.register_forward_pre_hook(_to_channels_last)
+            module.register_forward_hook(_to_contiguous)
+    return net
+
+
 def load_initial_weights(net: nn.Module, path: str | Path) -> str:
     """Body weights (not the heads) from a checkpoint file (.pth/.model/.safetensors) or a MODEL_DIR
     (its branch "a"); returns a one-line summary. Heads keep their own initialisation, so the two
@@ -158,6 +183,10 @@ class CPSTrainer:
             for net in self.nets.values():
                 summary = load_initial_weights(net, config.pretrained)
             self.log(f"initial weights: {summary}")
+        channels_last = config.channels_last_convs
+        if channels_last or (channels_last is None and self.device.type == "cpu"):
+            for net in self.nets.values():
+                use_channels_last_convs(net)
         self.optimizers = {b: torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                               weight_decay=config.weight_decay, nesterov=True)
                            for b, net in self.nets.items()}
@@ -190,8 +219,9 @@ class CPSTrainer:
 
     # ----------------------------------------------------------------------------------------- weights
     def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{"a": ..., "b": ...}: CPU copies, safe to keep while training goes on."""
-        return {b: {k: v.detach().to("cpu").clone() for k, v in net.state_dict().items()}
+        """{"a": ..., "b": ...}: contiguous CPU copies, safe to keep while training goes on."""
+        return {b: {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+                    for k, v in net.state_dict().items()}
                 for b, net in self.nets.items()}
 
     def load_state_dicts(self, branches: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
@@ -337,4 +367,5 @@ class CPSTrainer:
         return result
 
 
-__all__ = ["TrainerConfig", "TrainStats", "CPSTrainer", "load_initial_weights", "peak_rss_mib"]
+__all__ = ["TrainerConfig", "TrainStats", "CPSTrainer", "load_initial_weights", "use_channels_last_convs",
+           "peak_rss_mib"]

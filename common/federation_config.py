@@ -52,6 +52,7 @@ class FederationConfig:
     local_iterations: int = 60
     evaluate_every: int = 1
     net_size: str = "T"
+    base_width: int | None = None  # None: the size's published width
     patch_size: tuple[int, int, int] = (32, 64, 64)
     batch_size: int = 2
     learning_rate: float = 0.01
@@ -67,6 +68,9 @@ class FederationConfig:
     round_timeout_s: float = 3600.0
     node_wait_s: float = 300.0
     init_weights: str = ""
+    evaluate_step: float = 0.5  # sliding-window step (fraction of the patch) for evaluation
+    evaluate_train_sites: bool = True  # training sites also report on their own labeled volumes
+    agreement_volumes: int = 1  # unlabeled volumes per phase for the branch-agreement signal
     seed: int = 0
 
     @property
@@ -98,6 +102,7 @@ class FederationConfig:
             local_iterations=int(get("local-iterations", 60)),
             evaluate_every=max(1, int(get("evaluate-every", 1))),
             net_size=str(get("net-size", "T")),
+            base_width=int(get("net-width", 0)) or None,
             patch_size=parse_patch(str(get("patch-size", "32,64,64"))),
             batch_size=int(get("batch-size", 2)),
             learning_rate=float(get("learning-rate", 0.01)),
@@ -113,5 +118,8 @@ class FederationConfig:
             round_timeout_s=float(get("round-timeout", 3600.0)),
             node_wait_s=float(get("node-wait", 300.0)),
             init_weights=str(get("init-weights", "")),
+            evaluate_step=float(get("evaluate-step", 0.5)),
+            evaluate_train_sites=bool(get("evaluate-train-sites", True)),
+            agreement_volumes=int(get("agreement-volumes", 1)),
             seed=int(get("seed", 0)),
         )

@@ -98,7 +98,10 @@ class Federation:
         merged = merge_fingerprints(fingerprints)
         plans = plan_from_fingerprint(
             merged,
-            PlanningConfig(size=self.config.net_size, patch_size=self.config.patch_size, batch_size=self.config.batch_size),
+            PlanningConfig(
+                size=self.config.net_size, base_width=self.config.base_width, patch_size=self.config.patch_size,
+                batch_size=self.config.batch_size,
+            ),
         )
         digest = self.run.save_plans(plans)
         configuration = plans["configurations"]["3d_fullres"]
@@ -141,6 +144,8 @@ class Federation:
                 "fp16": c.fp16_transport,
                 "seed": c.seed + 1000 * server_round,
                 "qualitative": server_round == c.num_rounds,
+                "evaluate-step": c.evaluate_step,
+                "agreement-volumes": c.agreement_volumes,
             }
         )
 
@@ -182,8 +187,11 @@ class Federation:
 
     def evaluate_round(self, server_round: int, current: dict[str, np.ndarray], config: ConfigRecord) -> dict:
         content = RecordDict({"arrays": to_arrayrecord(current), "config": config})
+        nodes = self.all_nodes if self.config.evaluate_train_sites else {
+            n: site for n, site in self.all_nodes.items() if self.nodes[n].role == "eval"
+        }
         replies, failures = broadcast(
-            self.grid, self.all_nodes, "evaluate", content, group=f"eval-{server_round}", timeout=self.config.round_timeout_s
+            self.grid, nodes, "evaluate", content, group=f"eval-{server_round}", timeout=self.config.round_timeout_s
         )
         self._report_failures(failures)
         return {

@@ -19,7 +19,7 @@ from common.federation_config import FederationConfig
 from common.model_dir import load_model_dir
 from server.federation import Federation
 from simulations.phantoms import PhantomConfig, generate_liqa_tree
-from tests.inprocess_grid import InProcessGrid
+from inprocess_grid import InProcessGrid
 
 SITES = "A:train,B1:train,C:eval"
 
@@ -32,14 +32,18 @@ class Crash(Exception):
 def phantom_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantoms")
     generate_liqa_tree(root, PhantomConfig(centers=("A", "B1", "C"), cases=2, labeled=1, seed=3, profile="demo", heldout=("C",)))
+    # a site with a bad file still takes part: the file is reported and skipped
+    bad = next(root.glob("Vendor_A/*/T2.nii.gz"))
+    bad.write_bytes(bad.read_bytes()[:2000])
     return root
 
 
 def _run_config(data: Path, run_dir: Path, rounds: int) -> dict:
     return {
         "data-root": str(data), "run-dir": str(run_dir), "sites": SITES, "num-server-rounds": rounds,
-        "local-iterations": 2, "net-size": "T", "patch-size": "16,32,32", "batch-size": 2, "mode": "cps",
-        "seed": 0, "fp16-transport": True,
+        "local-iterations": 2, "net-size": "T", "net-width": 2, "patch-size": "32,64,64", "batch-size": 1,
+        "mode": "cps", "seed": 0, "fp16-transport": True, "evaluate-every": rounds, "evaluate-step": 1.0,
+        "agreement-volumes": 1,
     }
 
 

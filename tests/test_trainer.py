@@ -10,15 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from client.losses import (CrossPseudoLoss, cps_lambda, deep_supervision_weights, poly_lr, proximal_term,
-                           supervised_loss)
+from client.losses import (CrossPseudoLoss, cps_lambda, deep_supervision_weights, hard_labels, poly_lr,
+                           proximal_term, supervised_loss)
 from client.trainer import CPSTrainer, TrainerConfig, load_initial_weights
 from common.inference import sliding_window_predict
 from common.metrics import dice
 from common.model_dir import save_model_dir
 from common.planning import default_test_plans
 from common.preprocessing import PreprocessingCache
-from tests.test_data_loading import _liver_case
+from test_data_loading import _liver_case  # pytest puts tests/ on sys.path
 
 PATCH = (16, 32, 32)
 
@@ -98,6 +98,14 @@ def test_cross_term_has_no_gradient_through_target(kind):
     if kind == "ce":  # the original CPS: CE against the other net's argmax
         expected = F.cross_entropy(student[0], teacher[0].argmax(1))
         assert torch.allclose(loss, expected)
+
+
+def test_hard_labels_equal_argmax():
+    logits = torch.randn(2, 2, 3, 4, 5)
+    logits[0, :, 0] = 0.5  # ties: argmax picks class 0
+    assert torch.equal(hard_labels(logits), logits.argmax(1, keepdim=True))
+    three = torch.randn(2, 3, 4, 4, 4)
+    assert torch.equal(hard_labels(three), three.argmax(1, keepdim=True))
 
 
 def test_proximal_term_zero_at_reference_positive_away():
@@ -213,3 +221,33 @@ def test_initial_weights_from_model_dir(data, tmp_path):
     from common.stunet import build_stunet_from_plans
     with pytest.raises((ValueError, RuntimeError)):
         load_initial_weights(build_stunet_from_plans(wrong), tmp_path / "pre")
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def test_fedliver_train_writes_model_dir(tmp_path, capsys):
+    """`fedliver train` on a tiny LiQA tree: index, fingerprint, plan, preprocess, CPS, MODEL_DIR."""
+    from common.model_dir import load_model_dir
+    from fedliver.cli import main
+
+    for i in range(3):
+        case = _liver_case(tmp_path / "liqa" / "Vendor_A", f"000{i + 1}-A-S1", seed=i)
+        if i == 2:  # an unlabeled case: its GED4 is an unlabeled sample
+            case.masks["GED4"].unlink()
+    out = tmp_path / "runs" / "model"
+    rc = main(["train", "--data", str(tmp_path / "liqa"), "--centers", "A", "--out", str(out), "--iterations", "2",
+               "--patch", "16,32,32", "--base-width", "4", "--batch", "1", "--threads", "1", "--log-every", "1"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "s/it" in printed and "MiB" in printed and "branch agreement" in printed
+    bundle = load_model_dir(out)
+    assert set(bundle.branches) == {"a", "b"}
+    assert bundle.plans["configurations"]["3d_fullres"]["patch_size"] == [16, 32, 32]
+    info = bundle.info
+    assert info["mode"] == "cps" and info["centers"] == ["A"] and info["iterations"] == 2
+    assert info["num_labeled"] == 2 and info["num_unlabeled"] == 4  # 3 T2 + the unlabeled GED4
+    assert info["stats"]["seconds_per_iteration"] > 0 and set(info["branch_agreement"]) == {"GED4", "T2"}
+    assert (tmp_path / "runs" / "cache").is_dir()  # default cache: <out>/../cache
+
+    rc = main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m2"), "--iterations", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "missing" in err[0]

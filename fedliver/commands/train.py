@@ -14,6 +14,7 @@ MODEL_DIR can then be passed to --init. A bad file prints one line `path: proble
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base-width", type=int, default=None, help="override the size's first-stage width")
     parser.add_argument("--patch", type=_ints, default=(32, 64, 64), metavar="Z,Y,X",
                         help="patch size (default 32,64,64; rounded to the network's strides)")
-    parser.add_argument("--batch", type=int, default=2, help="labeled (and unlabeled) samples per iteration (default 2)")
+    parser.add_argument("--batch", type=int, default=2, help="labeled samples per iteration (default 2)")
+    parser.add_argument("--unlabeled-batch", type=int, default=None,
+                        help="unlabeled samples per CPS iteration (default: --batch)")
     parser.add_argument("--lr", type=float, default=0.01, help="initial learning rate of the poly schedule (default 0.01)")
     parser.add_argument("--lambda-max", type=float, default=1.0, help="CPS weight after ramp-up (default 1.0)")
     parser.add_argument("--rampup", type=int, default=None,
@@ -77,9 +80,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.iterations < 1 or args.batch < 1:
-        print("--iterations and --batch must be >= 1", file=sys.stderr)
+    if args.iterations < 1 or args.batch < 1 or (args.unlabeled_batch is not None and args.unlabeled_batch < 1):
+        print("--iterations, --batch and --unlabeled-batch must be >= 1", file=sys.stderr)
         return 2
+    # Busy-waiting OpenMP threads slow training many times over when other processes share the
+    # cores; only effective before torch is first imported (the caller's setting wins).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from client.site import SiteData, SiteIdentity
@@ -161,10 +167,11 @@ def run(args: argparse.Namespace) -> int:
     from client.trainer import CPSTrainer, TrainerConfig
 
     rampup = args.rampup if args.rampup is not None else (args.iterations * 2) // 5
-    config = TrainerConfig(mode=mode, batch_size=args.batch, patch_size=tuple(conf["patch_size"]),
+    config = TrainerConfig(mode=mode, batch_size=args.batch, unlabeled_batch_size=args.unlabeled_batch,
+                           patch_size=tuple(conf["patch_size"]),
                            learning_rate=args.lr, lambda_max=args.lambda_max, rampup_iterations=rampup,
                            cps_loss=args.cps_loss, seed=args.seed, log_every=args.log_every,
-                           pretrained=str(args.init) if args.init else None, device=args.device)
+                           pretrained=str(args.init.resolve()) if args.init else None, device=args.device)
     try:
         trainer = CPSTrainer(plans, labeled, unlabeled, config, log=print)
     except (ValueError, FileNotFoundError) as e:
@@ -185,13 +192,14 @@ def run(args: argparse.Namespace) -> int:
         "size": args.size,
         "patch_size": conf["patch_size"],
         "batch_size": args.batch,
+        "unlabeled_batch_size": args.unlabeled_batch or args.batch,
         "learning_rate": args.lr,
         "lambda_max": args.lambda_max,
         "rampup_iterations": rampup,
         "cps_loss": args.cps_loss,
         "unlabeled_phases": list(unlabeled_phases),
         "seed": args.seed,
-        "init": str(args.init) if args.init else None,
+        "init": str(args.init.resolve()) if args.init else None,
         "num_labeled": len(labeled),
         "num_unlabeled": len(unlabeled),
         "stats": stats.to_dict(),

@@ -21,7 +21,8 @@ from pathlib import Path
 
 
 def _volumes(root: Path, plans: dict, shape: tuple[int, int, int], cases: int = 2):
-    """Preprocessed GED4 (labeled) and T2 (unlabeled) volumes of synthetic liver-like images."""
+    """Preprocessed GED4 (labeled) and T2 (unlabeled) volumes of synthetic liver-like images,
+    written on the plans' spacing (no resampling), `shape` (z, y, x) voxels each."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -29,6 +30,7 @@ def _volumes(root: Path, plans: dict, shape: tuple[int, int, int], cases: int = 
     from common.preprocessing import PreprocessingCache
 
     cache = PreprocessingCache(root / "cache", plans)
+    spacing = [float(v) for v in plans["configurations"]["3d_fullres"]["spacing"]]
     labeled, unlabeled = [], []
     rng = np.random.default_rng(0)
     z, y, x = np.mgrid[:shape[0], :shape[1], :shape[2]]
@@ -41,7 +43,7 @@ def _volumes(root: Path, plans: dict, shape: tuple[int, int, int], cases: int = 
         for name, arr in (("GED4", 60 + 100 * mask + rng.normal(0, 10, shape)),
                           ("T2", 200 - 90 * mask + rng.normal(0, 10, shape)), ("mask_GED4", mask)):
             img = sitk.GetImageFromArray(arr.astype(np.uint8 if name.startswith("mask") else np.float32))
-            img.SetSpacing((1.5, 1.5, 3.0))
+            img.SetSpacing(tuple(reversed(spacing)))  # SimpleITK: (x, y, z)
             sitk.WriteImage(img, str(folder / f"{name}.nii.gz"))
             files[name] = folder / f"{name}.nii.gz"
         case = Case(folder.name, "A", None, {"GED4": files["GED4"], "T2": files["T2"]}, {"GED4": files["mask_GED4"]})
@@ -51,24 +53,28 @@ def _volumes(root: Path, plans: dict, shape: tuple[int, int, int], cases: int = 
 
 
 def measure(mode: str, size: str, patch: tuple[int, int, int], batch: int, threads: int, iterations: int,
-            prefetch: int) -> dict:
+            prefetch: int, spacing: tuple[float, float, float], channels_last: bool | None,
+            unlabeled_batch: int | None) -> dict:
     import torch
 
     from client.trainer import CPSTrainer, TrainerConfig
     from common.planning import default_test_plans
 
     torch.set_num_threads(threads)
-    plans = default_test_plans(patch, spacing=(3.0, 1.5, 1.5), size=size)
+    plans = default_test_plans(patch, spacing=spacing, size=size)
     shape = tuple(2 * p for p in patch)
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
         labeled, unlabeled = _volumes(Path(tmp), plans, shape)
-        config = TrainerConfig(mode=mode, batch_size=batch, seed=0, prefetch=prefetch, log_every=0)
+        config = TrainerConfig(mode=mode, batch_size=batch, seed=0, prefetch=prefetch, log_every=0,
+                               channels_last_convs=channels_last, unlabeled_batch_size=unlabeled_batch)
         trainer = CPSTrainer(plans, labeled, unlabeled, config, log=lambda _: None)
         trainer.train(1)  # warm-up: allocator, oneDNN kernels, first volume loads
         stats = trainer.train(iterations, start_iteration=1, total_iterations=iterations + 1)
     conf = plans["configurations"]["3d_fullres"]
     return {"mode": mode, "size": size, "widths": conf["architecture"]["arch_kwargs"]["features_per_stage"],
-            "patch": "x".join(map(str, conf["patch_size"])), "batch": batch, "threads": threads,
+            "strides": conf["architecture"]["arch_kwargs"]["strides"][1:],
+            "patch": "x".join(map(str, conf["patch_size"])), "batch": batch,
+            "unlabeled_batch": (unlabeled_batch or batch) if mode == "cps" else 0, "threads": threads,
             "s_per_iter": round(stats.seconds_per_iteration, 3),
             "data_wait_s": round(stats.data_wait_per_iteration, 3),
             "peak_rss_MiB": round(stats.peak_memory_mib)}
@@ -79,26 +85,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="T", help="STU-Net size (T, S, B, L, H)")
     parser.add_argument("--patch", default="32,64,64", help="z,y,x")
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--unlabeled-batch", type=int, default=None, help="CPS unlabeled samples (default: --batch)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--prefetch", type=int, default=2, help="background batches (0: load inline)")
     parser.add_argument("--modes", default="supervised,cps")
+    parser.add_argument("--spacing", default="6.5,3.8,3.8",
+                        help="plan spacing z,y,x in mm (default: what `fedliver phantoms --profile demo` plans to; "
+                             "it decides the strides, hence the cost)")
+    parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                        help="channels-last 3x3x3 convs (auto: on for CPU)")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     patch = tuple(int(v) for v in args.patch.split(","))
+    spacing = tuple(float(v) for v in args.spacing.split(","))
+    channels_last = {"auto": None, "on": True, "off": False}[args.channels_last]
     modes = [m for m in args.modes.split(",") if m]
 
     if args.single:  # child process: one mode, one JSON line
         print(json.dumps(measure(modes[0], args.size, patch, args.batch, args.threads, args.iterations,
-                                 args.prefetch)))
+                                 args.prefetch, spacing, channels_last, args.unlabeled_batch)))
         return 0
+    # Busy-waiting OpenMP threads collapse when other processes share the cores (seen: 23 s/it
+    # instead of 3); the children inherit this unless the caller chose otherwise.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
-          "(timings are only meaningful on an idle machine)")
+          f"(timings are only meaningful on an idle machine); OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     results = {}
     for mode in modes:
         cmd = [sys.executable, "-m", "simulations.benchmarks.bench_trainer", "--single", "--modes", mode,
                "--size", args.size, "--patch", args.patch, "--batch", str(args.batch),
-               "--threads", str(args.threads), "--iterations", str(args.iterations), "--prefetch", str(args.prefetch)]
+               "--threads", str(args.threads), "--iterations", str(args.iterations), "--prefetch", str(args.prefetch),
+               "--spacing", args.spacing, "--channels-last", args.channels_last]
+        if args.unlabeled_batch:
+            cmd += ["--unlabeled-batch", str(args.unlabeled_batch)]
         started = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -107,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
         r = results[mode]
         print(f"{mode:>10}: {r['s_per_iter']:.3f} s/it (data wait {r['data_wait_s']:.3f}), peak {r['peak_rss_MiB']} MiB "
-              f"| STU-Net {r['size']} {r['widths']}, patch {r['patch']}, batch {r['batch']}, {r['threads']} threads "
+              f"| STU-Net {r['size']} {r['widths']} strides {r['strides']}, patch {r['patch']}, batch {r['batch']}+{r['unlabeled_batch']}, {r['threads']} threads "
               f"| {time.perf_counter() - started:.0f} s wall")
     if "supervised" in results and "cps" in results:
         ratio = results["cps"]["s_per_iter"] / results["supervised"]["s_per_iter"]
