@@ -147,6 +147,7 @@ def _trainer_config(config: ConfigRecord) -> TrainerConfig:
     return TrainerConfig(
         mode=str(config["mode"]),
         batch_size=int(config["batch-size"]),
+        unlabeled_batch_size=int(config.get("unlabeled-batch-size", config["batch-size"])),
         learning_rate=float(config["learning-rate"]),
         lambda_max=float(config["cps-lambda-max"]),
         rampup_iterations=int(config["rampup-iterations"]),

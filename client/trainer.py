@@ -30,6 +30,7 @@ from torch import nn
 from client.data_loading import (AugmentationParams, Batch, BatchBuilder, Prefetcher, augmentation_params,
                                  build_training_transforms, deep_supervision_scales)
 from client.losses import CrossPseudoLoss, cps_lambda, poly_lr, proximal_term, supervised_loss
+from common.pretrained import load_initial_weights
 
 BRANCHES = ("a", "b")
 MODES = ("cps", "supervised")
@@ -138,29 +139,6 @@ def use_channels_last_convs(net: nn.Module) -> nn.Module:
             module.register_forward_pre_hook(_to_channels_last)
             module.register_forward_hook(_to_contiguous)
     return net
-
-
-def load_initial_weights(net: nn.Module, path: str | Path) -> str:
-    """Body weights (not the heads) from a checkpoint file (.pth/.model/.safetensors) or a MODEL_DIR
-    (its branch "a"); returns a one-line summary. Heads keep their own initialisation, so the two
-    CPS branches still start apart."""
-    from common.pretrained import HEAD_PREFIX, load_pretrained
-
-    path = Path(path)
-    if not path.is_dir():
-        return load_pretrained(net, path).summary()
-    from common.model_dir import load_model_dir
-
-    bundle = load_model_dir(path)
-    if "a" not in bundle.branches:
-        raise ValueError(f"{path}: MODEL_DIR has no branch 'a'")
-    body = {k: v for k, v in bundle.branches["a"].items() if not k.startswith(HEAD_PREFIX)}
-    result = net.load_state_dict(body, strict=False)  # shape mismatches raise here
-    missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIX)]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{path}: MODEL_DIR branch 'a' does not fit this STU-Net "
-                         f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
-    return f"{path}: loaded {len(body)} body tensors of branch 'a'"
 
 
 class CPSTrainer:
@@ -367,5 +345,5 @@ class CPSTrainer:
         return result
 
 
-__all__ = ["TrainerConfig", "TrainStats", "CPSTrainer", "load_initial_weights", "use_channels_last_convs",
+__all__ = ["TrainerConfig", "TrainStats", "CPSTrainer", "use_channels_last_convs",
            "peak_rss_mib"]

@@ -49,12 +49,13 @@ class FederationConfig:
     run_dir: Path
     sites: tuple[SiteAssignment, ...]
     num_rounds: int = 5
-    local_iterations: int = 60
+    local_iterations: int = 30
     evaluate_every: int = 1
     net_size: str = "T"
     base_width: int | None = None  # None: the size's published width
     patch_size: tuple[int, int, int] = (32, 64, 64)
     batch_size: int = 2
+    unlabeled_batch_size: int = 2
     learning_rate: float = 0.01
     mode: str = "cps"
     cps_lambda_max: float = 1.0
@@ -99,12 +100,13 @@ class FederationConfig:
             run_dir=Path(run_dir).resolve(),
             sites=tuple(parse_sites(str(get("sites", "")))),
             num_rounds=int(get("num-server-rounds", 5)),
-            local_iterations=int(get("local-iterations", 60)),
+            local_iterations=int(get("local-iterations", 30)),
             evaluate_every=max(1, int(get("evaluate-every", 1))),
             net_size=str(get("net-size", "T")),
             base_width=int(get("net-width", 0)) or None,
             patch_size=parse_patch(str(get("patch-size", "32,64,64"))),
             batch_size=int(get("batch-size", 2)),
+            unlabeled_batch_size=int(get("unlabeled-batch-size", 2)),
             learning_rate=float(get("learning-rate", 0.01)),
             mode=mode,
             cps_lambda_max=float(get("cps-lambda-max", 1.0)),

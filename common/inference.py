@@ -49,13 +49,22 @@ def _full_resolution(output) -> torch.Tensor:
     return output[0] if isinstance(output, (list, tuple)) else output
 
 
+def _forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """net(x) at full resolution. A batch of one is run as two on the CPU: PyTorch sends 3D convs
+    with batch 1 to its slow reference kernel and batches of 2+ to oneDNN (measured here: 16x
+    faster per sample for a 4-channel 32x64x64 conv)."""
+    if x.shape[0] == 1 and x.device.type == "cpu":
+        return _full_resolution(net(x.expand(2, *x.shape[1:])))[:1]
+    return _full_resolution(net(x))
+
+
 def _mean_softmax(nets: Sequence[nn.Module], x: torch.Tensor, mirror_axes: Sequence[tuple[int, ...]]) -> torch.Tensor:
     """Mean over nets and mirrorings of softmax(net(x)); x (b, c, z, y, x) on the nets' device."""
     total = None
     for net in nets:
         for axes in [()] + list(mirror_axes):
             xi = torch.flip(x, axes) if axes else x
-            probs = torch.softmax(_full_resolution(net(xi)).float(), dim=1)
+            probs = torch.softmax(_forward(net, xi).float(), dim=1)
             if axes:
                 probs = torch.flip(probs, axes)
             total = probs if total is None else total.add_(probs)
@@ -64,7 +73,7 @@ def _mean_softmax(nets: Sequence[nn.Module], x: torch.Tensor, mirror_axes: Seque
 
 def sliding_window_predict(nets: Sequence[nn.Module] | nn.Module, data: torch.Tensor | np.ndarray,
                            patch_size: Sequence[int], *, step: float = 0.5, mirror: bool = False,
-                           batch_size: int = 1) -> torch.Tensor:
+                           batch_size: int = 2) -> torch.Tensor:
     """Mean softmax of `nets` over `data` (c, z, y, x): float32 probabilities (classes, z, y, x) on CPU.
 
     step: tile overlap as a fraction of the patch (nnU-Net's `tile_step_size`, 0.5 by default).
@@ -118,7 +127,7 @@ def sliding_window_predict(nets: Sequence[nn.Module] | nn.Module, data: torch.Te
 
 
 def predict_image(nets: Sequence[nn.Module] | nn.Module, image: Path, plans: dict, *, mirror: bool = False,
-                  step: float = 0.5, batch_size: int = 1):
+                  step: float = 0.5, batch_size: int = 2):
     """Segment one NIfTI volume: a uint8 0/1 `SimpleITK.Image` with exactly the input's grid.
 
     Raises `common.nifti.ImageReadError` for an unreadable file and ValueError for other bad input.

@@ -31,6 +31,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from common.hashing import sha256_file
+
 FORMAT = "fedliver-model-dir"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -160,12 +162,6 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _manifest_digest(manifest: dict) -> str:

@@ -14,7 +14,6 @@ Cache layout::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from common.planning import CONFIGURATION, DATASET_JSON, plans_hash
+from common.hashing import sha256_file
 
 if TYPE_CHECKING:
     from common.discovery import Case, Problem
@@ -98,12 +98,6 @@ def preprocess_image(image: Path, plans: dict, mask: Path | None = None,
 
 
 # --------------------------------------------------------------------------------------------- cache
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:

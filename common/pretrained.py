@@ -153,3 +153,24 @@ def save_safetensors(net_or_state_dict: nn.Module | dict[str, torch.Tensor], pat
     from safetensors.torch import save_file
     state = net_or_state_dict.state_dict() if isinstance(net_or_state_dict, nn.Module) else net_or_state_dict
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+
+
+def load_initial_weights(net: nn.Module, path: str | Path) -> str:
+    """Body weights (not the heads) from a checkpoint file (.pth/.model/.safetensors) or a MODEL_DIR
+    (its branch "a"); returns a one-line summary. Heads keep their own initialisation, so the two
+    CPS branches still start apart."""
+    path = Path(path)
+    if not path.is_dir():
+        return load_pretrained(net, path).summary()
+    from common.model_dir import load_model_dir  # imported here: model_dir builds nets from this module
+
+    bundle = load_model_dir(path)
+    if "a" not in bundle.branches:
+        raise ValueError(f"{path}: MODEL_DIR has no branch 'a'")
+    body = {k: v for k, v in bundle.branches["a"].items() if not k.startswith(HEAD_PREFIX)}
+    result = net.load_state_dict(body, strict=False)  # shape mismatches raise here
+    missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIX)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path}: MODEL_DIR branch 'a' does not fit this STU-Net "
+                         f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
+    return f"{path}: loaded {len(body)} body tensors of branch 'a'"

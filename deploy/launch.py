@@ -22,6 +22,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -337,6 +338,86 @@ def list_nodes(flwr_home: Path, bin_dir: Path | None = None) -> list[dict]:
     if not data.get("success"):
         raise LaunchError(f"flwr supernode list: {data.get('error-message') or done.stderr.strip()}")
     return list(data.get("nodes", []))
+
+
+# ----------------------------------------------------------------------------- runs
+# What a deployment run sets on top of pyproject's `[tool.flwr.app.config]` (where simulation keeps
+# the defaults): model weights travel as float16 in both directions, half the bytes per round
+# (the apps decode to float32 and aggregate in float32; see docs/deploy.md for the measured cost).
+DEPLOYMENT_RUN_CONFIG: Mapping[str, str | int | float | bool] = {"fp16-transport": True}
+
+
+def run_config_string(values: Mapping[str, str | int | float | bool]) -> str:
+    """`--run-config` text (the same TOML key=value syntax as `--node-config`)."""
+    return node_config_string(values)
+
+
+def flwr_run_command(app_dir: Path, flwr_home: Path,
+                     run_config: Mapping[str, str | int | float | bool] | None = None, *,
+                     defaults: Mapping[str, str | int | float | bool] = DEPLOYMENT_RUN_CONFIG,
+                     connection: str = CONNECTION_NAME, bin_dir: Path | None = None) -> Command:
+    """`flwr run APP <connection> --run-config ... --format json`: `defaults` overridden by
+    `run_config`. Output paths in it must be absolute (the ServerApp runs in the state folder)."""
+    values = {**defaults, **(run_config or {})}
+    argv = [flower_executable("flwr", bin_dir), "run", str(_abs(app_dir)), connection,
+            "--format", "json"]
+    if values:
+        argv += ["--run-config", run_config_string(values)]
+    return Command(tuple(argv), {"FLWR_HOME": str(flwr_home), **QUIET_ENV})
+
+
+def run_status_command(run_id: int, flwr_home: Path, connection: str = CONNECTION_NAME,
+                       bin_dir: Path | None = None) -> Command:
+    argv = [flower_executable("flwr", bin_dir), "ls", connection, "--run-id", str(run_id),
+            "--format", "json"]
+    return Command(tuple(argv), {"FLWR_HOME": str(flwr_home), **QUIET_ENV})
+
+
+def parse_run_id(stdout: str, stderr: str = "") -> int:
+    """The run id `flwr run --format json` printed; LaunchError with Flower's message if none."""
+    data = _json_from(stdout)
+    if data.get("success") and "run-id" in data:
+        return int(data["run-id"])
+    message = str(data.get("error-message") or stderr or stdout).strip()
+    raise LaunchError(f"flwr run: {message.splitlines()[-1] if message else 'no run id printed'}")
+
+
+def parse_run_status(stdout: str) -> str:
+    """`finished:completed`, `finished:failed`, `running`, ... from `flwr ls --format json`;
+    "" when the output holds no run."""
+    runs = _json_from(stdout).get("runs") or []
+    return str(runs[0].get("status", "")) if runs else ""
+
+
+def submit_run(app_dir: Path, flwr_home: Path,
+               run_config: Mapping[str, str | int | float | bool] | None = None, *,
+               defaults: Mapping[str, str | int | float | bool] = DEPLOYMENT_RUN_CONFIG,
+               bin_dir: Path | None = None, timeout: float = 300.0) -> int:
+    """Build the app bundle, submit it to the SuperLink of `flwr_home`'s connection; the run id."""
+    done = run_command(flwr_run_command(app_dir, flwr_home, run_config, defaults=defaults,
+                                        bin_dir=bin_dir), timeout=timeout)
+    return parse_run_id(done.stdout, done.stderr)
+
+
+def wait_for_run(run_id: int, flwr_home: Path, *, timeout: float = 3600.0, poll: float = 5.0,
+                 watch: Sequence[ManagedProcess] = (), bin_dir: Path | None = None) -> str:
+    """Poll `flwr ls` until the run is `finished:*` and return that status (`flwr run` itself
+    exits 0 whatever happens). Returns early with a description if a watched process exits or
+    `timeout` passes. Polling also records the watched processes' children, so that `stop()`
+    finds the short-lived ServerApp/ClientApp processes too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for proc in watch:
+            proc.tree()
+            if not proc.running:
+                return f"{proc.name} exited with status {proc.poll()}"
+        done = run_command(run_status_command(run_id, flwr_home, bin_dir=bin_dir))
+        status = parse_run_status(done.stdout)
+        if status.startswith("finished"):
+            return status
+        if time.monotonic() >= deadline:
+            return f"still {status or 'unknown'} after {timeout:.0f} s"
+        time.sleep(poll)
 
 
 # ----------------------------------------------------------------------------- processes

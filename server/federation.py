@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from common.federation_config import FederationConfig
 from common.fingerprint import FingerprintConfig, SiteFingerprint, merge_fingerprints
 from common.planning import PlanningConfig, plan_from_fingerprint, plans_hash
-from common.pretrained import load_pretrained
+from common.pretrained import load_initial_weights
 from common.stunet import build_stunet_from_plans
 from common.weights import flatten, from_arrayrecord, record_nbytes, to_arrayrecord
 from server.checkpoints import RunFolder, ServerState
@@ -118,8 +118,7 @@ class Federation:
             torch.manual_seed(self.config.seed + offset)
             net = build_stunet_from_plans(plans)
             if self.config.init_weights:
-                report = load_pretrained(net, self.config.init_weights)
-                self.log(f"branch {name}: {report.summary()}")
+                self.log(f"branch {name}: {load_initial_weights(net, self.config.init_weights)}")
             branches[name] = net.state_dict()
         return flatten(branches)
 
@@ -136,6 +135,7 @@ class Federation:
                 "total-iterations": c.total_iterations,
                 "mode": c.mode,
                 "batch-size": c.batch_size,
+                "unlabeled-batch-size": c.unlabeled_batch_size,
                 "learning-rate": c.learning_rate,
                 "cps-lambda-max": c.cps_lambda_max,
                 "rampup-iterations": c.rampup_iterations,
@@ -169,7 +169,7 @@ class Federation:
             train_metrics[site] = metrics
             reply_bytes[site] = record_nbytes(reply.content["arrays"])
         accepted, rejected = aggregator.screen(updates, current)
-        failures += [Failure(r.node_id, r.site, r.reason) for r in rejected]
+        failures += rejected
         self._report_failures(failures)
         if not accepted:
             self.log(f"round {server_round}: no usable update; the global model stays as it was")

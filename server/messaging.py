@@ -41,7 +41,7 @@ def broadcast(
     Nodes that reply with an error or do not reply in time become failures; the caller goes on
     with the replies it has, so a dropped node never hangs the run."""
     messages = [
-        grid.create_message(content(node_id) if callable(content) else content, message_type, node_id, group)
+        Message(content(node_id) if callable(content) else content, node_id, message_type, group_id=group)
         for node_id in nodes
     ]
     replies: dict[int, Message] = {}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.weights import update_problems
+from server.messaging import Failure
 
 WEIGHT_KEYS = {"labeled": "num-labeled", "samples": "num-samples"}
 
@@ -24,16 +25,6 @@ class NodeUpdate:
     site: str
     arrays: dict[str, np.ndarray]
     metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Rejection:
-    node_id: int
-    site: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"site {self.site} (node {self.node_id}): update rejected: {self.reason}"
 
 
 @dataclass
@@ -51,7 +42,7 @@ class PairAggregator:
 
     def screen(
         self, updates: Sequence[NodeUpdate], reference: Mapping[str, np.ndarray]
-    ) -> tuple[list[NodeUpdate], list[Rejection]]:
+    ) -> tuple[list[NodeUpdate], list[Failure]]:
         """Split updates into usable ones and rejections (NaN/Inf, missing keys, wrong shapes, no weight)."""
         accepted, rejected = [], []
         for update in updates:
@@ -59,7 +50,7 @@ class PairAggregator:
             if not problems and self.weight(update) <= 0:
                 problems = [f"aggregation weight {self.weighted_by!r} is {self.weight(update)}"]
             if problems:
-                rejected.append(Rejection(update.node_id, update.site, "; ".join(problems[:3])))
+                rejected.append(Failure(update.node_id, update.site, "update rejected: " + "; ".join(problems[:3])))
             else:
                 accepted.append(update)
         return accepted, rejected

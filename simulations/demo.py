@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.report import format_table
+from simulations.pretrain import DEFAULT_OUT as PRETRAINED_WEIGHTS
 from simulations.runner import SimulationSpec, run_simulation
 
 
@@ -28,11 +30,15 @@ class DemoConfig:
     cases: int = 8
     labeled: int = 3
     seed: int = 0
-    rounds: int = 4
-    local_iterations: int = 40
+    heldout_cases: int = 4
+    rounds: int = 5
+    local_iterations: int = 30
+    evaluate_every: int = 1
     net_size: str = "T"
+    net_width: int = 4
     patch_size: str = "32,64,64"
     mode: str = "cps"
+    init_weights: Path | None = PRETRAINED_WEIGHTS
     resume: bool = False
 
     @property
@@ -50,9 +56,12 @@ class DemoConfig:
             "sites": self.sites,
             "num-server-rounds": self.rounds,
             "local-iterations": self.local_iterations,
+            "evaluate-every": self.evaluate_every,
             "net-size": self.net_size,
+            "net-width": self.net_width,
             "patch-size": self.patch_size,
             "mode": self.mode,
+            "init-weights": str(self.init_weights.resolve()) if self.init_weights else "",
             "seed": self.seed,
         }
 
@@ -66,14 +75,17 @@ def make_phantoms(config: DemoConfig) -> None:
         return
     shutil.rmtree(config.data_dir, ignore_errors=True)
     started = time.perf_counter()
-    summary = generate_liqa_tree(
-        config.data_dir,
-        PhantomConfig(
-            centers=config.centers, cases=config.cases, labeled=config.labeled, seed=config.seed,
-            profile="demo", heldout=config.heldout,
-        ),
-    )
-    print(summary)
+    training = tuple(c for c in config.centers if c not in config.heldout)
+    # Held-out centres get fewer cases: every one of their phases is evaluated every round.
+    for centers, cases in ((training, config.cases), (config.heldout, config.heldout_cases)):
+        summary = generate_liqa_tree(
+            config.data_dir,
+            PhantomConfig(
+                centers=centers, cases=cases, labeled=config.labeled, seed=config.seed, profile="demo",
+                heldout=config.heldout,
+            ),
+        )
+        print(summary)
     print(f"phantoms: {config.data_dir} in {time.perf_counter() - started:.1f}s")
     marker.write_text("ok\n")
 
@@ -90,24 +102,31 @@ def run_demo(config: DemoConfig) -> dict:
         SimulationSpec(run_dir=config.run_dir, run_config=config.run_config(), num_supernodes=len(config.centers))
     )
     report = json.loads((config.run_dir / "report.json").read_text())
-    print(f"federation finished in {time.perf_counter() - started:.0f}s; report {config.run_dir / 'report.json'}")
+    print(f"\ncross-centre evaluation after round {report['final']['round']} (Dice / HD95 in mm):")
+    print(format_table(report["final"]["centers"], report["heldout_centers"]))
+    print(f"\nfederation finished in {time.perf_counter() - started:.0f}s")
+    print(f"report {config.run_dir / 'report.json'}; plots {config.run_dir / 'plots'}; model {report['final_model']}")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--cases", type=int, default=DemoConfig.cases, help="cases per centre")
+    parser.add_argument("--cases", type=int, default=DemoConfig.cases, help="cases per training centre")
+    parser.add_argument("--heldout-cases", type=int, default=DemoConfig.heldout_cases, help="cases per held-out centre")
     parser.add_argument("--labeled", type=int, default=DemoConfig.labeled, help="labeled cases per training centre")
     parser.add_argument("--rounds", type=int, default=DemoConfig.rounds)
     parser.add_argument("--local-iterations", type=int, default=DemoConfig.local_iterations)
     parser.add_argument("--mode", choices=("cps", "supervised"), default=DemoConfig.mode)
     parser.add_argument("--seed", type=int, default=DemoConfig.seed)
+    parser.add_argument("--init", type=Path, default=PRETRAINED_WEIGHTS,
+                        help="initial body weights (default: the shipped ATLAS-like pretraining; 'none' for random)")
     parser.add_argument("--resume", action="store_true", help="continue the run folder after its last complete round")
     args = parser.parse_args(argv)
     config = DemoConfig(
-        run_dir=args.run_dir.resolve(), cases=args.cases, labeled=args.labeled, rounds=args.rounds,
-        local_iterations=args.local_iterations, mode=args.mode, seed=args.seed, resume=args.resume,
+        run_dir=args.run_dir.resolve(), cases=args.cases, heldout_cases=args.heldout_cases, labeled=args.labeled,
+        rounds=args.rounds, local_iterations=args.local_iterations, mode=args.mode, seed=args.seed,
+        init_weights=None if str(args.init) == "none" else args.init, resume=args.resume,
     )
     try:
         run_demo(config)

@@ -50,6 +50,8 @@ def _bin(name: str) -> str:
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    # Flower starts flower-superexec (and the apps) by bare name: this environment's bin comes first.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_TELEMETRY_ENABLED="0",

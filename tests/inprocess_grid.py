@@ -17,6 +17,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
 RUN_ID = 1
 
@@ -37,6 +38,9 @@ class InProcessGrid(Grid):
             for i, config in enumerate(node_configs)
         }
         self.before_send = before_send
+        # The ServerApp creates messages with the Message constructor, which reads the identity of
+        # the running task; a real SuperLink sets it, here we do.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 0
         self.replies: list[Message] = []  # everything the nodes sent back, in order
         self._ids = itertools.count()
 
@@ -69,6 +73,7 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what the SuperLink assigns
             if self.before_send is not None:
                 self.before_send(message)
             context = self.contexts[message.metadata.dst_node_id]

@@ -27,7 +27,7 @@ def _flower_and_ray_processes() -> set[int]:
 def test_two_round_simulation_through_flwr_run(tmp_path):
     before = _flower_and_ray_processes()
     config = DemoConfig(
-        run_dir=tmp_path / "run", centers=("A", "B1", "C"), heldout=("C",), cases=2, labeled=1,
+        run_dir=tmp_path / "run", centers=("A", "B1", "C"), heldout=("C",), cases=2, heldout_cases=1, labeled=1,
         rounds=2, local_iterations=2, patch_size="16,32,32",
     )
     report = run_demo(config)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from client.losses import (CrossPseudoLoss, cps_lambda, deep_supervision_weights, hard_labels, poly_lr,
                            proximal_term, supervised_loss)
-from client.trainer import CPSTrainer, TrainerConfig, load_initial_weights
+from client.trainer import CPSTrainer, TrainerConfig
+from common.pretrained import load_initial_weights
 from common.inference import sliding_window_predict
 from common.metrics import dice
 from common.model_dir import save_model_dir
