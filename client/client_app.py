@@ -49,10 +49,14 @@ def _log(site: SiteData, text: str) -> None:
     print(f"[site {site.identity.site}] {text}", flush=True)
 
 
-def _plans(config: ConfigRecord) -> tuple[dict, str]:
-    """The plans sent by the server and the hash this node computes for them."""
+def _verified_plans(config: ConfigRecord) -> tuple[dict, str]:
+    """The plans sent by the server and the hash this node computes for them; the node refuses
+    to work with plans whose hash differs from the one the server pinned."""
     plans = json.loads(str(config["plans-json"]))
-    return plans, plans_hash(plans)
+    local_hash = plans_hash(plans)
+    if local_hash != str(config["plans-sha256"]):
+        raise ValueError(f"plans hash mismatch: server {config['plans-sha256']}, node {local_hash}")
+    return plans, local_hash
 
 
 @app.query("identify")
@@ -87,9 +91,7 @@ def fingerprint(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     site = _site(context)
     config = msg.content["config"]
-    plans, local_hash = _plans(config)
-    if local_hash != str(config["plans-sha256"]):
-        raise ValueError(f"plans hash mismatch: server {config['plans-sha256']}, node {local_hash}")
+    plans, local_hash = _verified_plans(config)
     torch.set_num_threads(max(1, int(config.get("threads", torch.get_num_threads()))))
 
     volumes = site.training_volumes(plans, include_unlabeled=str(config["mode"]) == "cps")
@@ -160,9 +162,7 @@ def _trainer_config(config: ConfigRecord) -> TrainerConfig:
 def evaluate(msg: Message, context: Context) -> Message:
     site = _site(context)
     config = msg.content["config"]
-    plans, local_hash = _plans(config)
-    if local_hash != str(config["plans-sha256"]):
-        raise ValueError(f"plans hash mismatch: server {config['plans-sha256']}, node {local_hash}")
+    plans, _ = _verified_plans(config)
     branches = to_torch(unflatten(from_arrayrecord(msg.content["arrays"])))
     nets = []
     for name in ("a", "b"):

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,8 @@ QUIET_ENV: Mapping[str, str] = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
+# `--database` value for Flower's in-memory state (no SQLite file).
+IN_MEMORY_DATABASE = ":flwr-in-memory:"
 # Flags the wrappers own: passing them again through --extra would contradict the setup.
 _FORBIDDEN_EXTRA = ("--insecure", "--allow-runtime-dependency-installation")
 
@@ -105,6 +107,9 @@ class SuperLinkConfig:
     port: int = 8000                    # Fleet, Control and Runtime API share this port
     isolation: str = "subprocess"
     extra_args: tuple[str, ...] = ()
+    # False: Flower's in-memory state instead of state.db. Nothing survives a restart (hospitals
+    # must be registered again), but no SQLite lock waits either (see docs/deploy.md).
+    persist_state: bool = True
 
     @classmethod
     def from_certs(cls, certs: Path, state_dir: Path, **kwargs: object) -> SuperLinkConfig:
@@ -140,7 +145,7 @@ def superlink_command(config: SuperLinkConfig, bin_dir: Path | None = None,
         "--ssl-certfile", str(config.server_cert),
         "--ssl-keyfile", str(config.server_key),
         "--enable-supernode-auth",
-        "--database", str(config.database),
+        "--database", str(config.database) if config.persist_state else IN_MEMORY_DATABASE,
         "--disable-runtime-dependency-installation",
         "--isolation", config.isolation,
         "--host", config.host,
@@ -399,22 +404,31 @@ def submit_run(app_dir: Path, flwr_home: Path,
     return parse_run_id(done.stdout, done.stderr)
 
 
-def wait_for_run(run_id: int, flwr_home: Path, *, timeout: float = 3600.0, poll: float = 5.0,
+def wait_for_run(run_id: int, flwr_home: Path, *, timeout: float = 3600.0, poll: float = 1.0,
+                 status_every: float = 30.0, ready: Callable[[], bool] | None = None,
                  watch: Sequence[ManagedProcess] = (), bin_dir: Path | None = None) -> str:
-    """Poll `flwr ls` until the run is `finished:*` and return that status (`flwr run` itself
-    exits 0 whatever happens). Returns early with a description if a watched process exits or
-    `timeout` passes. Polling also records the watched processes' children, so that `stop()`
-    finds the short-lived ServerApp/ClientApp processes too."""
+    """Wait until the run is `finished:*` and return that status (`flwr run` itself exits 0
+    whatever happens); a description instead if a watched process exits or `timeout` passes.
+
+    Each `flwr ls` is a Python process of its own (about 2 s of CPU): the status is asked every
+    `status_every` seconds, and at every `poll` once `ready()` (e.g. "report.json exists") says
+    the run is about to end. Every `poll` the watched processes' trees are recorded, so that
+    `stop()` also finds the short-lived ServerApp/ClientApp processes they spawn."""
     deadline = time.monotonic() + timeout
+    next_status = time.monotonic() + min(status_every, 5.0)
+    status = ""
     while True:
         for proc in watch:
             proc.tree()
             if not proc.running:
                 return f"{proc.name} exited with status {proc.poll()}"
-        done = run_command(run_status_command(run_id, flwr_home, bin_dir=bin_dir))
-        status = parse_run_status(done.stdout)
-        if status.startswith("finished"):
-            return status
+        now = time.monotonic()
+        if now >= next_status or (ready is not None and ready()) or now >= deadline:
+            done = run_command(run_status_command(run_id, flwr_home, bin_dir=bin_dir))
+            status = parse_run_status(done.stdout)
+            if status.startswith("finished"):
+                return status
+            next_status = time.monotonic() + status_every
         if time.monotonic() >= deadline:
             return f"still {status or 'unknown'} after {timeout:.0f} s"
         time.sleep(poll)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ class DemoConfig:
     labeled: int = 3
     seed: int = 0
     heldout_cases: int = 4
-    rounds: int = 5
+    rounds: int = 4
     local_iterations: int = 30
+    unlabeled_batch_size: int = 1
     evaluate_every: int = 1
     net_size: str = "T"
     net_width: int = 4
@@ -56,6 +58,7 @@ class DemoConfig:
             "sites": self.sites,
             "num-server-rounds": self.rounds,
             "local-iterations": self.local_iterations,
+            "unlabeled-batch-size": self.unlabeled_batch_size,
             "evaluate-every": self.evaluate_every,
             "net-size": self.net_size,
             "net-width": self.net_width,
@@ -128,12 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds, local_iterations=args.local_iterations, mode=args.mode, seed=args.seed,
         init_weights=None if str(args.init) == "none" else args.init, resume=args.resume,
     )
+    signal.signal(signal.SIGTERM, _interrupt)  # so that `finally` stops the SuperLink on `kill` too
     try:
         run_demo(config)
     except (RuntimeError, TimeoutError, FileNotFoundError) as error:
         print(f"demo failed: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("demo interrupted; the SuperLink and its processes were stopped", file=sys.stderr)
+        return 130
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def pretrain(out: Path, *, cases: int, iterations: int, base_width: int, seed: i
     save_safetensors(body, out)
     provenance = {
         "what": "STU-Net body (no seg_outputs heads) pretrained on the ATLAS-like phantom set",
-        "command": "fedliver " + " ".join(train_args[:1] + ["--data", "<atlas>"] + train_args[3:4] + train_args[5:]),
+        "command": f"python -m simulations.pretrain --cases {cases} --iterations {iterations} "
+        f"--base-width {base_width} --seed {seed}",
         "atlas": {"cases": cases, "seed": seed},
         "size": "T", "base_width": base_width, "iterations": iterations,
         "sha256": sha256_file(out),
