@@ -4,6 +4,8 @@ The builders are pure: they turn a config dataclass into a `Command` (argv, extr
 working folder) and touch no file, so the CLI (`fedliver superlink|supernode|register`), the
 compose files and the loopback tests all run the very same flags. `ProcessGroup` starts such
 commands in the background and guarantees that every process it started is stopped.
+`submit_run` / `wait_for_run` start a run with `flwr run` (deployment defaults:
+`DEPLOYMENT_RUN_CONFIG`, float16 transport) and wait for its final status.
 
 State folders (one per SuperLink, one per SuperNode):
 

@@ -186,7 +186,7 @@ class Federation:
         }
 
     def evaluate_round(self, server_round: int, current: dict[str, np.ndarray], config: ConfigRecord) -> dict:
-        content = RecordDict({"arrays": to_arrayrecord(current), "config": config})
+        content = RecordDict({"arrays": to_arrayrecord(current, fp16=self.config.fp16_transport), "config": config})
         nodes = self.all_nodes if self.config.evaluate_train_sites else {
             n: site for n, site in self.all_nodes.items() if self.nodes[n].role == "eval"
         }

@@ -76,8 +76,9 @@ def test_two_rounds_over_tls_with_node_auth(tmp_path: Path, monkeypatch: pytest.
             for node in nodes:
                 node.wait_for_log("SuperNode ID:", timeout=90)  # the SuperLink accepted its key
             run_id = submit_run(REPO_ROOT, link.cli_home, run_config)
-            status = wait_for_run(run_id, link.cli_home, timeout=600, watch=group.processes,
-                                  ready=(run_dir / "report.json").exists)
+            # `flwr ls` costs ~2 s of CPU: ask every minute, and every second once the report exists.
+            status = wait_for_run(run_id, link.cli_home, timeout=600, status_every=60,
+                                  watch=group.processes, ready=(run_dir / "report.json").exists)
             logs = "\n".join(f"--- {p.name}\n{p.log_tail(40)}" for p in group.processes)
             assert status == "finished:completed", f"run {run_id}: {status}\n{logs}"
         finally:
