@@ -11,13 +11,7 @@ from common.stunet import build_stunet
 STRIDES = [[2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 1, 1], [1, 1, 1]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPUs are shared: keep each test on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the CPUs are shared
 
 
 def small_net(seed: int, in_channels: int = 1, num_classes: int = 2, base_width: int = 4):

@@ -14,19 +14,11 @@ REFERENCE = Path("/work/shared/reference/stunet_official_state_dict.json")
 SMALL_STRIDES = [[2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 1, 1], [1, 1, 1]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPUs are shared: keep each test on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the CPUs are shared
 
 
 @pytest.fixture(scope="module")
 def official() -> dict:
-    if not REFERENCE.is_file():
-        pytest.skip(f"{REFERENCE} not present")
     return json.loads(REFERENCE.read_text())["sizes"]
 
 

@@ -46,12 +46,7 @@ def data(tmp_path_factory):
     }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the CPUs are shared
 
 
 def _quiet(_line: str) -> None:
