@@ -8,7 +8,7 @@ Messages it answers (the server drives them in this order):
 
 Every reply holds arrays with the global model's keys and numbers; nothing pickled, no voxels.
 In deployment each message starts a fresh process: everything lasting sits in the site's cache
-folder (preprocessed volumes) or in `context.state` (FedBN's local norms).
+folder (preprocessed volumes) or in `context.state` (FedBN's local norms, the optimiser's momentum).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from client.site import SiteData, resolve_identity
 from client.trainer import CPSTrainer, TrainerConfig
 from common.fingerprint import FingerprintConfig, compute_site_fingerprint
 from common.planning import plans_hash
+from common.postprocessing import Postprocessing
 from common.stunet import build_stunet_from_plans
 from common.weights import (
     flatten,
@@ -39,6 +40,7 @@ from common.weights import (
 app = ClientApp()
 
 LOCAL_NORM_KEY = "local-norm"
+MOMENTUM_KEY = "optimizer-momentum"
 
 
 def _site(context: Context) -> SiteData:
@@ -111,6 +113,10 @@ def train(msg: Message, context: Context) -> Message:
     trainer = CPSTrainer(plans, volumes.labeled, volumes.unlabeled, _trainer_config(config))
     reference = to_torch(branches)
     trainer.load_state_dicts(reference)
+    keep_momentum = bool(config.get("local-momentum", False))
+    if keep_momentum and MOMENTUM_KEY in context.state:
+        restored = trainer.load_momentum_buffers(from_arrayrecord(context.state[MOMENTUM_KEY]))
+        _log(site, f"momentum of {restored} parameters carried over from the last round")
     stats = trainer.train(
         int(config["iterations"]),
         start_iteration=int(config["start-iteration"]),
@@ -122,6 +128,8 @@ def train(msg: Message, context: Context) -> Message:
     agreement = trainer.branch_agreement(volumes.unlabeled, max_per_phase=per_phase) if per_phase > 0 else {}
 
     updated = flatten(trainer.state_dicts())
+    if keep_momentum:  # site-local state: never sent to the server
+        context.state[MOMENTUM_KEY] = to_arrayrecord(trainer.momentum_buffers())
     if local_norm:
         context.state[LOCAL_NORM_KEY] = to_arrayrecord({k: v for k, v in updated.items() if is_norm_parameter(k)})
     metrics = {
@@ -171,7 +179,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         nets.append(net.eval())
     started = time.perf_counter()
     evaluation = evaluate_pairs(
-        nets, plans, site.evaluation_pairs(), step=float(config.get("evaluate-step", 0.5)), log=lambda line: _log(site, line)
+        nets, plans, site.evaluation_pairs(), step=float(config.get("evaluate-step", 0.5)),
+        postprocessing=Postprocessing.from_info({"method": str(config.get("postprocessing-method", "none")),
+                                                 "phases": str(config.get("postprocessing-phases", "*"))}),
+        log=lambda line: _log(site, line),
     )
     server_round = int(config.get("server-round", 0))
     summary = ", ".join(f"{k}={v:.3f}" for k, v in sorted(evaluation.metrics().items()) if k.startswith("dice-"))

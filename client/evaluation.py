@@ -18,6 +18,7 @@ import torch
 from common.discovery import Case, Problem
 from common.inference import predict_image
 from common.metrics import dice, hd95
+from common.postprocessing import Postprocessing
 
 QUALITATIVE_PHASES = ("GED4", "T1", "T2", "DWI_800")
 
@@ -51,16 +52,19 @@ def evaluate_pairs(
     pairs: Sequence[tuple[Case, str]],
     *,
     step: float = 0.5,
+    postprocessing: Postprocessing | None = None,
     log: Callable[[str], None] = print,
 ) -> SiteEvaluation:
-    """Predict every (case, phase) with a mask and score it against that mask."""
+    """Predict every (case, phase) with a mask (then `postprocessing` for that phase) and score it against that mask."""
+    postprocessing = postprocessing or Postprocessing("none", None)
     per_phase: dict[str, PhaseScores] = defaultdict(PhaseScores)
     problems: list[Problem] = []
     examples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for case, phase in pairs:
         image_path, mask_path = case.images[phase], case.masks[phase]
         try:
-            prediction = sitk.GetArrayFromImage(predict_image(nets, image_path, plans, step=step)) > 0
+            predicted = predict_image(nets, image_path, plans, step=step, postprocessing=postprocessing.for_phase(phase))
+            prediction = sitk.GetArrayFromImage(predicted) > 0
             mask_image = sitk.ReadImage(str(mask_path))
             truth = np.isin(sitk.GetArrayFromImage(mask_image), case.foreground_labels)
         except Exception as error:  # one bad volume must not stop the evaluation

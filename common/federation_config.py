@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.postprocessing import Postprocessing
+
 ROLES = ("train", "eval")
 
 
@@ -64,12 +66,14 @@ class FederationConfig:
     proximal_mu: float = 0.0
     server_momentum: float = 0.0
     local_norm: bool = False
+    local_momentum: bool = False  # sites keep their SGD momentum between rounds (context.state)
     fp16_transport: bool = False
     min_train_nodes: int = 1
     round_timeout_s: float = 3600.0
     node_wait_s: float = 300.0
     init_weights: str = ""
     evaluate_step: float = 0.5  # sliding-window step (fraction of the patch) for evaluation
+    postprocessing: Postprocessing = Postprocessing()  # largest liver component on GED4 predictions
     evaluate_train_sites: bool = True  # training sites also report on their own labeled volumes
     agreement_volumes: int = 1  # unlabeled volumes per phase for the branch-agreement signal
     seed: int = 0
@@ -115,12 +119,15 @@ class FederationConfig:
             proximal_mu=float(get("proximal-mu", 0.0)),
             server_momentum=float(get("server-momentum", 0.0)),
             local_norm=bool(get("local-norm", False)),
+            local_momentum=bool(get("local-momentum", False)),
             fp16_transport=bool(get("fp16-transport", False)),
             min_train_nodes=int(get("min-train-nodes", 1)),
             round_timeout_s=float(get("round-timeout", 3600.0)),
             node_wait_s=float(get("node-wait", 300.0)),
             init_weights=str(get("init-weights", "")),
             evaluate_step=float(get("evaluate-step", 0.5)),
+            postprocessing=Postprocessing.from_info({"method": str(get("postprocessing", "largest-component")),
+                                                      "phases": str(get("postprocessing-phases", "GED4"))}),
             evaluate_train_sites=bool(get("evaluate-train-sites", True)),
             agreement_volumes=int(get("agreement-volumes", 1)),
             seed=int(get("seed", 0)),

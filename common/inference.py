@@ -9,8 +9,8 @@ of both softmaxes"), so the result is a proper distribution over classes at ever
 `predict_image` is the whole path for one NIfTI: `common.preprocessing.preprocess_image` (crop to
 nonzero, z-score, resample to the plans' spacing), sliding window, then nnunetv2's
 `convert_predicted_logits_to_segmentation_with_correct_shape` (resample the probabilities back to
-the cropped shape, argmax, uncrop, transpose back) and the input's own header (size, spacing,
-origin, direction) on the result.
+the cropped shape, argmax, uncrop, transpose back), the chosen postprocessing, and the input's own
+header (size, spacing, origin, direction) on the result.
 """
 
 from __future__ import annotations
@@ -127,8 +127,10 @@ def sliding_window_predict(nets: Sequence[nn.Module] | nn.Module, data: torch.Te
 
 
 def predict_image(nets: Sequence[nn.Module] | nn.Module, image: Path, plans: dict, *, mirror: bool = False,
-                  step: float = 0.5, batch_size: int = 2):
+                  step: float = 0.5, batch_size: int = 2, postprocessing: str = "none"):
     """Segment one NIfTI volume: a uint8 0/1 `SimpleITK.Image` with exactly the input's grid.
+
+    postprocessing: "none" or "largest-component" (`common.postprocessing`).
 
     Raises `common.nifti.ImageReadError` for an unreadable file and ValueError for other bad input.
     """
@@ -138,8 +140,10 @@ def predict_image(nets: Sequence[nn.Module] | nn.Module, image: Path, plans: dic
 
     from common.nifti import read_info
     from common.planning import CONFIGURATION, DATASET_JSON
+    from common.postprocessing import check_method, postprocess_mask
     from common.preprocessing import preprocess_image
 
+    check_method(postprocessing)
     image = Path(image)
     info = read_info(image)  # one-line error for unreadable files, before nnunetv2 sees them
     if info.geometry.dimension != 3 or info.components != 1:
@@ -160,7 +164,7 @@ def predict_image(nets: Sequence[nn.Module] | nn.Module, image: Path, plans: dic
     expected = tuple(reversed(info.geometry.size))
     if seg.shape != expected:
         raise RuntimeError(f"{image}: prediction shape {seg.shape} (z, y, x) does not match the input {expected}")
-    out = sitk.GetImageFromArray((seg > 0).astype(np.uint8))
+    out = sitk.GetImageFromArray(postprocess_mask(seg, postprocessing))
     return info.geometry.apply_to(out)
 
 

@@ -114,7 +114,8 @@ def _adapt_configuration(conf: dict, config: PlanningConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- test plans
-def default_test_plans(patch_size=(16, 32, 32), spacing=(4.0, 3.0, 3.0), size: str = "T") -> dict:
+def default_test_plans(patch_size=(16, 32, 32), spacing=(4.0, 3.0, 3.0), size: str = "T",
+                       base_width: int | None = None) -> dict:
     """A valid plans dict without any fingerprint, for tests of inference and training.
 
     spacing is (z, y, x) in mm; patch_size (z, y, x) is rounded to the strides' products.
@@ -136,7 +137,7 @@ def default_test_plans(patch_size=(16, 32, 32), spacing=(4.0, 3.0, 3.0), size: s
         "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
         "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
         "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
-        "architecture": _architecture_block(size, None, strides),
+        "architecture": _architecture_block(size, base_width, strides),
         "batch_dice": False,
     }
     return {

@@ -141,10 +141,12 @@ class Federation:
                 "rampup-iterations": c.rampup_iterations,
                 "proximal-mu": c.proximal_mu,
                 "local-norm": c.local_norm,
+                "local-momentum": c.local_momentum,
                 "fp16": c.fp16_transport,
                 "seed": c.seed + 1000 * server_round,
                 "qualitative": server_round == c.num_rounds,
                 "evaluate-step": c.evaluate_step,
+                **{f"postprocessing-{k}": v for k, v in c.postprocessing.to_info().items()},
                 "agreement-volumes": c.agreement_volumes,
             }
         )
@@ -228,7 +230,8 @@ class Federation:
         self, server_round: int, current: dict[str, np.ndarray], plans: dict, entry: dict, state: ServerState,
         aggregator: PairAggregator,
     ) -> None:
-        self.run.save_round(server_round, current, plans, {"metrics": entry.get("centers", {})})
+        info = {"metrics": entry.get("centers", {}), "postprocessing": self.config.postprocessing.to_info()}
+        self.run.save_round(server_round, current, plans, info)
         self.run.save_momentum(aggregator.velocity)
         score = heldout_score(entry, self.heldout_sites or sorted(entry.get("centers", {})))
         if score is not None and score > state.best_score:

@@ -33,7 +33,7 @@ class DemoConfig:
     seed: int = 0
     heldout_cases: int = 4
     rounds: int = 4
-    local_iterations: int = 30
+    local_iterations: int = 25
     unlabeled_batch_size: int = 1
     evaluate_every: int = 1
     net_size: str = "T"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-from client.client_app import app as client_app
+from client.client_app import MOMENTUM_KEY, app as client_app
 from common.federation_config import FederationConfig
 from common.model_dir import load_model_dir
 from server.federation import Federation
@@ -84,11 +84,13 @@ def test_crash_and_resume_keeps_round_numbering(phantom_root, tmp_path):
 
 def test_replies_hold_only_model_arrays_and_numbers(phantom_root, tmp_path):
     torch.set_num_threads(1)
-    run_config = _run_config(phantom_root, tmp_path / "run", rounds=1)
+    run_config = {**_run_config(phantom_root, tmp_path / "run", rounds=1), "local-momentum": True}
     config = FederationConfig.from_run_config(run_config)
     grid = _grid(run_config)
     report = Federation(grid, config, log=lambda s: None).run_all()
-    global_arrays = load_model_dir(Path(report["final_model"])).branches
+    final = load_model_dir(Path(report["final_model"]))
+    assert final.info["postprocessing"] == {"method": "largest-component", "phases": "GED4"}  # for `fedliver predict`
+    global_arrays = final.branches
     shapes = {f"{b}.{k}": tuple(v.shape) for b, state in global_arrays.items() for k, v in state.items()}
     case_ids = {p.name for p in phantom_root.glob("Vendor_*/*")}
     seen_types = set()
@@ -115,3 +117,7 @@ def test_replies_hold_only_model_arrays_and_numbers(phantom_root, tmp_path):
     # fp16 transport: the train replies carry float16 arrays
     train_reply = next(r for r in grid.replies if r.metadata.message_type == "train")
     assert next(iter(train_reply.content["arrays"].values())).dtype == np.dtype("float16").name
+    # the optimiser momentum each training site keeps for its next round stays in its own context
+    kept = [ctx.state[MOMENTUM_KEY] for ctx in grid.contexts.values() if MOMENTUM_KEY in ctx.state]
+    assert len(kept) == 2 and all(len(record) > len(shapes) / 2 for record in kept)
+    assert all(shapes[k] == a.shape for record in kept for k, a in record.items())

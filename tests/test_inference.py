@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from common.inference import predict_image, sliding_window_predict
+from common.postprocessing import Postprocessing
 from common.planning import default_test_plans
 from common.stunet import build_stunet, build_stunet_from_plans
 
@@ -274,3 +275,28 @@ def test_predict_refuses_tampered_model(tmp_path, model_dir, capsys):
     rc = main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(model_dir)])
     assert rc == 1 and "info.json" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_predict_uses_the_models_postprocessing(tmp_path, model_dir, capsys):
+    from common.model_dir import load_model_dir, save_model_dir
+    from fedliver.cli import main
+
+    bundle = load_model_dir(model_dir)
+    with_pp = tmp_path / "model_pp"
+    save_model_dir(with_pp, bundle.branches, bundle.plans,
+                   {"postprocessing": Postprocessing("largest-component", ("GED4",)).to_info()})
+    image = _write(_phantom((9, 40, 36)), tmp_path / "in" / "0001-A_GED4.nii.gz", spacing_xyz=(1.5, 1.5, 3.0))
+    for model, extra, expected in ((model_dir, [], "none"), (with_pp, [], "largest-component (GED4)"),
+                                   (with_pp, ["--postprocessing", "none"], "none"),
+                                   (model_dir, ["--postprocessing", "largest-component"], "largest-component (every phase)")):
+        rc = main(["predict", "-i", str(image), "-o", str(tmp_path / "out"), "-m", str(model), *extra])
+        assert rc == 0 and f"postprocessing {expected}," in capsys.readouterr().out
+
+
+def test_postprocessing_choice_per_phase():
+    chosen = Postprocessing.from_info(Postprocessing("largest-component", ("GED4", "GED3")).to_info())
+    assert [chosen.for_phase(p) for p in ("GED4", "GED3", "T2")] == ["largest-component", "largest-component", "none"]
+    assert Postprocessing.from_info("largest-component").for_phase("DWI_800") == "largest-component"
+    assert Postprocessing.from_info(None).for_phase("GED4") == "none"
+    with pytest.raises(ValueError, match="postprocessing"):
+        Postprocessing("erode")

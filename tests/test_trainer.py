@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from client.losses import (CrossPseudoLoss, cps_lambda, deep_supervision_weights, hard_labels, poly_lr,
                            proximal_term, supervised_loss)
-from client.trainer import CPSTrainer, TrainerConfig
+from client.trainer import BRANCHES, CPSTrainer, TrainerConfig
 from common.pretrained import load_initial_weights
 from common.inference import sliding_window_predict
 from common.metrics import dice
@@ -247,3 +247,35 @@ def test_fedliver_train_writes_model_dir(tmp_path, capsys):
     rc = main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m2"), "--iterations", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "missing" in err[0]
+
+
+def test_momentum_carried_between_rounds(data):
+    """A trainer given the last round's momentum steps by exactly lr * m^2 * buffer more than a fresh one
+    (Nesterov SGD: buf = m buf + g; w -= lr (g + m buf)); shapes that no longer match are left out."""
+    config = TrainerConfig(mode="supervised", batch_size=1, seed=0, prefetch=0, log_every=0, weight_decay=0.0)
+    previous = CPSTrainer(data["plans"], data["labeled"], [], config, log=_quiet)
+    previous.train(2)
+    weights, buffers = previous.state_dicts(), previous.momentum_buffers()
+    trained = {f"{b}.{name}" for b in BRANCHES for name, p in previous.nets[b].named_parameters() if p.grad is not None}
+    assert set(buffers) == trained  # the deepest head is outside deep supervision: no gradient, no momentum
+    assert any(np.abs(v).max() > 0 for v in buffers.values())
+
+    after = {}
+    for keep in (True, False):
+        trainer = CPSTrainer(data["plans"], data["labeled"], [], config, log=_quiet)
+        trainer.load_state_dicts(weights)
+        if keep:
+            assert trainer.load_momentum_buffers(buffers) == len(buffers)
+        trainer.train(1, start_iteration=0, total_iterations=10)
+        after[keep] = trainer.state_dicts()
+    lr, m = poly_lr(0.01, 0, 10), config.momentum
+    for name in (key.removeprefix("a.") for key in buffers if key.startswith("a.")):
+        expected = -lr * m * m * torch.from_numpy(buffers[f"a.{name}"])
+        assert torch.allclose(after[True]["a"][name] - after[False]["a"][name], expected, atol=1e-6), name
+
+    fresh = CPSTrainer(data["plans"], data["labeled"], [], config, log=_quiet)
+    wrong = {k: (np.zeros((1,), np.float32) if k.endswith("seg_outputs.4.weight") else v) for k, v in buffers.items()}
+    assert fresh.load_momentum_buffers(wrong) == len(buffers) - 2
+    roundtrip = fresh.momentum_buffers()
+    assert set(roundtrip) == set(buffers) - {"a.seg_outputs.4.weight", "b.seg_outputs.4.weight"}
+    assert all(np.array_equal(roundtrip[k], buffers[k]) for k in roundtrip)

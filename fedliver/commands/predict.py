@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.postprocessing import METHODS, Postprocessing
+
 _ENDINGS = (".nii.gz", ".nii")
 
 
@@ -57,6 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="only these phases (default: every phase found)")
     parser.add_argument("--step", type=float, default=0.5,
                         help="sliding-window step as a fraction of the patch (default 0.5)")
+    parser.add_argument("--postprocessing", choices=("model", *METHODS), default="model",
+                        help="'largest-component' keeps the largest liver component in every phase, 'none' the "
+                             "raw argmax (default 'model': what MODEL_DIR's info.json says, for the phases it "
+                             "names; 'none' if it says nothing)")
     parser.add_argument("--device", default="cpu", help="torch device for the nets, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own choice, usually every core)")
@@ -147,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         if args.branch == "both" and len(names) < 2:
             raise ModelDirError(f"{args.model}: --branch both needs two branches, the model has {names}")
         nets = bundle.build_nets(names, device=args.device)
+        postprocessing = Postprocessing.from_info(
+            bundle.info.get("postprocessing") if args.postprocessing == "model" else args.postprocessing)
     except Exception as e:  # tampered dir, weights that do not fit the plans, an unusable --device
         print(" ".join(str(e).split()) or type(e).__name__, file=sys.stderr)
         return 1
@@ -162,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     print(f"predicting {len(jobs)} volume(s) with branch(es) {'+'.join(names)}"
-          f"{' and mirroring' if args.mirror else ''} on {args.device}; {torch.get_num_threads()} CPU thread(s)",
+          f"{' and mirroring' if args.mirror else ''}, postprocessing {postprocessing}, on {args.device}; "
+          f"{torch.get_num_threads()} CPU thread(s)",
           flush=True)
     failed = len(failures)
     started = time.perf_counter()
@@ -171,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
         out = args.output / job.case_id / f"{job.phase}_pred.nii.gz"
         tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")  # keeps the .nii.gz ending for ITK
         try:
-            seg = predict_image(nets, job.image, bundle.plans, mirror=args.mirror, step=args.step)
+            seg = predict_image(nets, job.image, bundle.plans, mirror=args.mirror, step=args.step,
+                                postprocessing=postprocessing.for_phase(job.phase))
             out.parent.mkdir(parents=True, exist_ok=True)
             sitk.WriteImage(seg, str(tmp), useCompression=True)
             os.replace(tmp, out)  # never a half-written prediction under the final name

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.postprocessing import METHODS, Postprocessing
+
 
 def _ints(text: str) -> tuple[int, int, int]:
     try:
@@ -76,6 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--log-every", type=int, default=10, help="progress line every N iterations")
+    parser.add_argument("--postprocessing", choices=METHODS, default="largest-component",
+                        help="what `fedliver predict` applies with this model by default (stored in info.json)")
+    parser.add_argument("--postprocessing-phases", default="GED4",
+                        help="phases it applies to, comma-separated, '*' for all (default GED4: the labeled "
+                             "phase, where it can be validated)")
     parser.set_defaults(run=run)
 
 
@@ -199,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
         "cps_loss": args.cps_loss,
         "unlabeled_phases": list(unlabeled_phases),
         "seed": args.seed,
+        "postprocessing": Postprocessing.from_info({"method": args.postprocessing,
+                                                    "phases": args.postprocessing_phases}).to_info(),
         "init": str(args.init.resolve()) if args.init else None,
         "num_labeled": len(labeled),
         "num_unlabeled": len(unlabeled),

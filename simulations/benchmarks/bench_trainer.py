@@ -1,6 +1,6 @@
 """Local training cost: seconds per iteration and peak RSS, supervised vs CPS, at the demo configuration.
 
-    python -m simulations.benchmarks.bench_trainer [--size T] [--patch 32,64,64] [--batch 2] [--threads 2]
+    python -m simulations.benchmarks.bench_trainer [--size T] [--width 4] [--patch 32,64,64] [--batch 2] [--unlabeled-batch 1]
 
 One iteration = the whole `CPSTrainer` step: both nets forward + backward + SGD step, with nnU-Net
 augmentation prepared by the background prefetcher (its waiting time is reported separately).
@@ -52,7 +52,7 @@ def _volumes(root: Path, plans: dict, shape: tuple[int, int, int], cases: int = 
     return labeled, unlabeled
 
 
-def measure(mode: str, size: str, patch: tuple[int, int, int], batch: int, threads: int, iterations: int,
+def measure(mode: str, size: str, width: int | None, patch: tuple[int, int, int], batch: int, threads: int, iterations: int,
             prefetch: int, spacing: tuple[float, float, float], channels_last: bool | None,
             unlabeled_batch: int | None) -> dict:
     import torch
@@ -61,7 +61,7 @@ def measure(mode: str, size: str, patch: tuple[int, int, int], batch: int, threa
     from common.planning import default_test_plans
 
     torch.set_num_threads(threads)
-    plans = default_test_plans(patch, spacing=spacing, size=size)
+    plans = default_test_plans(patch, spacing=spacing, size=size, base_width=width)
     shape = tuple(2 * p for p in patch)
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
         labeled, unlabeled = _volumes(Path(tmp), plans, shape)
@@ -83,14 +83,16 @@ def measure(mode: str, size: str, patch: tuple[int, int, int], batch: int, threa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="T", help="STU-Net size (T, S, B, L, H)")
+    parser.add_argument("--width", type=int, default=4,
+                        help="base width (channels of the first stage; the demo's net-width, 0: the size's own)")
     parser.add_argument("--patch", default="32,64,64", help="z,y,x")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--unlabeled-batch", type=int, default=None, help="CPS unlabeled samples (default: --batch)")
+    parser.add_argument("--unlabeled-batch", type=int, default=1, help="CPS unlabeled samples (the demo's: 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--prefetch", type=int, default=2, help="background batches (0: load inline)")
     parser.add_argument("--modes", default="supervised,cps")
-    parser.add_argument("--spacing", default="6.5,3.8,3.8",
+    parser.add_argument("--spacing", default="6.9,3.8,3.8",
                         help="plan spacing z,y,x in mm (default: what `fedliver phantoms --profile demo` plans to; "
                              "it decides the strides, hence the cost)")
     parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
 
     if args.single:  # child process: one mode, one JSON line
-        print(json.dumps(measure(modes[0], args.size, patch, args.batch, args.threads, args.iterations,
+        print(json.dumps(measure(modes[0], args.size, args.width or None, patch, args.batch, args.threads, args.iterations,
                                  args.prefetch, spacing, channels_last, args.unlabeled_batch)))
         return 0
     # Busy-waiting OpenMP threads collapse when other processes share the cores (seen: 23 s/it
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for mode in modes:
         cmd = [sys.executable, "-m", "simulations.benchmarks.bench_trainer", "--single", "--modes", mode,
-               "--size", args.size, "--patch", args.patch, "--batch", str(args.batch),
+               "--size", args.size, "--width", str(args.width), "--patch", args.patch, "--batch", str(args.batch),
                "--threads", str(args.threads), "--iterations", str(args.iterations), "--prefetch", str(args.prefetch),
                "--spacing", args.spacing, "--channels-last", args.channels_last]
         if args.unlabeled_batch:

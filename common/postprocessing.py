@@ -1,0 +1,73 @@
+"""Postprocessing of a binary liver prediction, the way nnU-Net's `determine_postprocessing` applies it.
+
+The liver is one connected organ, so "largest-component" (nnunetv2's
+`remove_all_but_largest_component_from_segmentation` on the liver label) removes the false
+positives away from it, other bright organs above all, which dominate HD95. nnU-Net applies it only
+where validation showed it helps; in fedliver the training sites' labels are GED4 only, so by
+default it is applied to GED4 predictions and nowhere else. Measured on held-out centre C (pooled
+CPS, `fedliver predict --postprocessing largest-component`, all phases): GED4 Dice 0.891 -> 0.920,
+HD95 37 -> 11 mm; but DWI_800 0.23 -> 0.17 (median 0.21 -> 0.00): its low-resolution predictions
+come in pieces, and the largest one is often not liver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+METHODS = ("none", "largest-component")
+LIVER_LABEL = 1
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"postprocessing must be one of {METHODS}, got {method!r}")
+    return method
+
+
+def postprocess_mask(mask: np.ndarray, method: str) -> np.ndarray:
+    """`mask` (any integer or bool array, liver = nonzero) after `method`, as uint8 0/1."""
+    from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
+
+    binary = (np.asarray(mask) > 0).astype(np.uint8)
+    if check_method(method) == "none" or not binary.any():
+        return binary
+    return remove_all_but_largest_component_from_segmentation(binary, [LIVER_LABEL])
+
+
+@dataclass(frozen=True)
+class Postprocessing:
+    """`method` for the predictions of `phases` (None: every phase), "none" for the others."""
+    method: str = "largest-component"
+    phases: tuple[str, ...] | None = ("GED4",)
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+
+    def for_phase(self, phase: str) -> str:
+        return self.method if self.phases is None or phase in self.phases else "none"
+
+    def to_info(self) -> dict:
+        """For a MODEL_DIR's info.json (and a Flower ConfigRecord: strings only)."""
+        return {"method": self.method, "phases": ",".join(self.phases) if self.phases is not None else "*"}
+
+    @classmethod
+    def from_info(cls, info: Mapping | str | None) -> Postprocessing:
+        """What `to_info` wrote; a bare method name means every phase; nothing means no postprocessing."""
+        if info is None:
+            return cls("none", None)
+        if isinstance(info, str):
+            return cls(info, None)
+        phases = str(info.get("phases", "*"))
+        return cls(str(info.get("method", "none")),
+                   None if phases == "*" else tuple(p for p in phases.split(",") if p))
+
+    def __str__(self) -> str:
+        if self.method == "none":
+            return "none"
+        return f"{self.method} ({'every phase' if self.phases is None else ', '.join(self.phases)})"
+
+
+__all__ = ["METHODS", "Postprocessing", "check_method", "postprocess_mask"]
