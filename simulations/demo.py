@@ -32,7 +32,7 @@ class DemoConfig:
     labeled: int = 3
     seed: int = 0
     heldout_cases: int = 4
-    rounds: int = 4
+    rounds: int = 3
     local_iterations: int = 25
     unlabeled_batch_size: int = 1
     evaluate_every: int = 1
