@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from common.phases import PHASES  # noqa: E402
 
@@ -40,6 +41,7 @@ def _plot_dice(history: Sequence[Mapping], path: Path) -> Path | None:
                 ax.plot(rounds, values, marker="o", label=phase)
         ax.set_title(f"centre {center}")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("Dice")
@@ -62,6 +64,7 @@ def _plot_train_metric(history: Sequence[Mapping], prefix: str, title: str, path
         ax.plot(rounds, values, marker=".", label=label)
     ax.set_title(title)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
