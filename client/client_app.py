@@ -180,8 +180,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     evaluation = evaluate_pairs(
         nets, plans, site.evaluation_pairs(), step=float(config.get("evaluate-step", 0.5)),
-        postprocessing=Postprocessing.from_info({"method": str(config.get("postprocessing-method", "none")),
-                                                 "phases": str(config.get("postprocessing-phases", "*"))}),
+        postprocessing=Postprocessing.parse(str(config.get("postprocessing-method", "none")),
+                                            str(config.get("postprocessing-phases", "*"))),
         log=lambda line: _log(site, line),
     )
     server_round = int(config.get("server-round", 0))

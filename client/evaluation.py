@@ -18,7 +18,7 @@ import torch
 from common.discovery import Case, Problem
 from common.inference import predict_image
 from common.metrics import dice, hd95
-from common.postprocessing import Postprocessing
+from common.postprocessing import NO_POSTPROCESSING, Postprocessing
 
 QUALITATIVE_PHASES = ("GED4", "T1", "T2", "DWI_800")
 
@@ -52,11 +52,10 @@ def evaluate_pairs(
     pairs: Sequence[tuple[Case, str]],
     *,
     step: float = 0.5,
-    postprocessing: Postprocessing | None = None,
+    postprocessing: Postprocessing = NO_POSTPROCESSING,
     log: Callable[[str], None] = print,
 ) -> SiteEvaluation:
     """Predict every (case, phase) with a mask (then `postprocessing` for that phase) and score it against that mask."""
-    postprocessing = postprocessing or Postprocessing("none", None)
     per_phase: dict[str, PhaseScores] = defaultdict(PhaseScores)
     problems: list[Problem] = []
     examples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}

@@ -54,15 +54,18 @@ class Postprocessing:
         return {"method": self.method, "phases": ",".join(self.phases) if self.phases is not None else "*"}
 
     @classmethod
+    def parse(cls, method: str, phases: str = "*") -> Postprocessing:
+        """From the strings of run configs and command lines: phases comma-separated, "*" for all."""
+        return cls(method, None if phases == "*" else tuple(p for p in phases.split(",") if p))
+
+    @classmethod
     def from_info(cls, info: Mapping | str | None) -> Postprocessing:
         """What `to_info` wrote; a bare method name means every phase; nothing means no postprocessing."""
         if info is None:
-            return cls("none", None)
+            return NO_POSTPROCESSING
         if isinstance(info, str):
             return cls(info, None)
-        phases = str(info.get("phases", "*"))
-        return cls(str(info.get("method", "none")),
-                   None if phases == "*" else tuple(p for p in phases.split(",") if p))
+        return cls.parse(str(info.get("method", "none")), str(info.get("phases", "*")))
 
     def __str__(self) -> str:
         if self.method == "none":
@@ -70,4 +73,6 @@ class Postprocessing:
         return f"{self.method} ({'every phase' if self.phases is None else ', '.join(self.phases)})"
 
 
-__all__ = ["METHODS", "Postprocessing", "check_method", "postprocess_mask"]
+NO_POSTPROCESSING = Postprocessing("none", None)
+
+__all__ = ["METHODS", "NO_POSTPROCESSING", "Postprocessing", "check_method", "postprocess_mask"]
