@@ -4,7 +4,8 @@ Messages it answers (the server drives them in this order):
 - `query.identify`    -> site name and role, and counts (never case ids)
 - `query.fingerprint` -> the site's mergeable fingerprint (aggregate statistics only)
 - `train`             -> local CPS from the global pair; both branches back, with numeric metrics
-- `evaluate`          -> per-phase Dice and HD95 of the global model on the site's labeled volumes
+- `evaluate`          -> per-phase Dice and HD95 of the global model: on the test split (every case
+                         at a held-out site) and, prefixed "val-", on the validation split's GED4
 
 Every reply holds arrays with the global model's keys and numbers; nothing pickled, no voxels.
 In deployment each message starts a fresh process: everything lasting sits in the site's cache
@@ -21,12 +22,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.evaluation import evaluate_pairs, write_qualitative_png
+from client.evaluation import SiteEvaluation, evaluate_pairs, write_qualitative_png
 from client.site import SiteData, resolve_identity
 from client.trainer import CPSTrainer, TrainerConfig
+from common.label_transfer_config import LabelTransferConfig
 from common.fingerprint import FingerprintConfig, compute_site_fingerprint
 from common.planning import plans_hash
 from common.postprocessing import Postprocessing
+from common.scores import VALIDATION_PREFIX
+from common.splits import TEST, VALIDATION
 from common.stunet import build_stunet_from_plans
 from common.weights import (
     flatten,
@@ -71,6 +75,8 @@ def identify(msg: Message, context: Context) -> Message:
             "cases": len(site.cases),
             "labeled-volumes": len(site.labeled_pairs()),
             "unlabeled-volumes": len(site.unlabeled_pairs()),
+            "validation-cases": len(site.cases_in(VALIDATION)),
+            "test-cases": len(site.cases_in(TEST)),
             "problems": len(site.index.problems),
         }
     )
@@ -96,7 +102,8 @@ def train(msg: Message, context: Context) -> Message:
     plans, local_hash = _verified_plans(config)
     torch.set_num_threads(max(1, int(config.get("threads", torch.get_num_threads()))))
 
-    volumes = site.training_volumes(plans, include_unlabeled=str(config["mode"]) == "cps")
+    volumes = site.training_volumes(plans, include_unlabeled=str(config["mode"]) == "cps",
+                                    propagate_labels=bool(config.get("propagate-labels", False)))
     for problem in volumes.problems:
         _log(site, str(problem))
     if not volumes.labeled:
@@ -111,6 +118,7 @@ def train(msg: Message, context: Context) -> Message:
             branches[branch][name] = value
 
     trainer = CPSTrainer(plans, volumes.labeled, volumes.unlabeled, _trainer_config(config))
+    trainer.cross_term_enabled = bool(config.get("cps-enabled", True))  # the server's validation gate
     reference = to_torch(branches)
     trainer.load_state_dicts(reference)
     keep_momentum = bool(config.get("local-momentum", False))
@@ -162,6 +170,10 @@ def _trainer_config(config: ConfigRecord) -> TrainerConfig:
         lambda_max=float(config["cps-lambda-max"]),
         rampup_iterations=int(config["rampup-iterations"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        cps_confidence=float(config.get("cps-confidence", 0.0)),
+        balance_phases=bool(config.get("balance-phases", True)),
+        label_transfer=LabelTransferConfig(**{
+            name.replace("-", "_"): float(config.get(name, 0.0)) for name in LabelTransferConfig.option_names()}),
         seed=int(config["seed"]),
     )
 
@@ -178,16 +190,34 @@ def evaluate(msg: Message, context: Context) -> Message:
         net.load_state_dict(branches[name])
         nets.append(net.eval())
     started = time.perf_counter()
-    evaluation = evaluate_pairs(
-        nets, plans, site.evaluation_pairs(), step=float(config.get("evaluate-step", 0.5)),
-        postprocessing=Postprocessing.parse(str(config.get("postprocessing-method", "none")),
-                                            str(config.get("postprocessing-phases", "*"))),
-        log=lambda line: _log(site, line),
-    )
+    postprocessing = Postprocessing.parse(str(config.get("postprocessing-method", "none")),
+                                          str(config.get("postprocessing-phases", "*")))
+
+    def score(pairs: list) -> SiteEvaluation:
+        return evaluate_pairs(nets, plans, pairs, step=float(config.get("evaluate-step", 0.5)),
+                              postprocessing=postprocessing, log=lambda line: _log(site, line))
+
+    # Training cases are never scored: validation (selection only) and test (report only) stay apart.
+    held_out = site.identity.role == "eval"
+    test = score(site.test_pairs() if held_out or bool(config.get("evaluate-test", True)) else [])
+    validation = score(site.validation_pairs())
+    metrics = {**test.metrics(), **validation.metrics(VALIDATION_PREFIX),
+               "problems": float(len(test.problems) + len(validation.problems))}
     server_round = int(config.get("server-round", 0))
-    summary = ", ".join(f"{k}={v:.3f}" for k, v in sorted(evaluation.metrics().items()) if k.startswith("dice-"))
+    summary = _dice_summary({"test": test, "validation": validation})
     _log(site, f"round {server_round} evaluation in {time.perf_counter() - started:.1f}s: {summary}")
     if bool(config.get("qualitative", False)):
         png = site.identity.output_dir / f"qualitative_{site.identity.site}.png"
-        write_qualitative_png(evaluation, png, f"site {site.identity.site}, round {server_round}")
-    return Message(RecordDict({"metrics": MetricRecord(evaluation.metrics())}), reply_to=msg)
+        shown, split = (test, "test") if test.examples else (validation, "validation")
+        write_qualitative_png(shown, png, f"site {site.identity.site}, {split} split, round {server_round}")
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _dice_summary(evaluations: dict[str, SiteEvaluation]) -> str:
+    """`test Dice GED4 0.912 (n=2), T2 0.301 (n=2); validation Dice GED4 0.905 (n=1)` for the site's log."""
+    parts = [
+        f"{split} Dice " + ", ".join(f"{phase} {s.dice.mean:.3f} (n={s.cases})" for phase, s in scores.items())
+        for split, evaluation in evaluations.items()
+        if (scores := evaluation.summaries())
+    ]
+    return "; ".join(parts) or "no case to score"

@@ -24,10 +24,13 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Iterator, Sequence, TypeVar
+from typing import Callable, Generic, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
+
+from client.label_transfer import insert_after_spatial, label_transfer_transforms
+from common.label_transfer_config import LabelTransferConfig
 
 #: Foreground voxels kept per volume for oversampling (nnU-Net keeps about 10k per class).
 MAX_FOREGROUND_SAMPLES = 10_000
@@ -79,16 +82,21 @@ def deep_supervision_scales(strides: Sequence[Sequence[int]], num_outputs: int =
     return [[float(v) for v in 1.0 / cum[i]] for i in range(num_outputs)]
 
 
-def build_training_transforms(params: AugmentationParams, ds_scales: Sequence[Sequence[float]] | None):
-    """The batchgeneratorsv2 `ComposeTransforms` nnU-Net trains with (11 transforms + DS downsampling)."""
+def build_training_transforms(params: AugmentationParams, ds_scales: Sequence[Sequence[float]] | None,
+                              label_transfer: LabelTransferConfig | None = None, *, labeled: bool = True):
+    """The batchgeneratorsv2 `ComposeTransforms` nnU-Net trains with (11 transforms + DS downsampling),
+    with the label-transfer transforms of `label_transfer` inserted after its spatial transform."""
     # By module path: nnunetv2's trainer lookup by name would import torchvision (broken in this stack).
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    return nnUNetTrainer.get_training_transforms(
+    compose = nnUNetTrainer.get_training_transforms(
         params.patch_size, params.rotation, list(ds_scales) if ds_scales is not None else None,
         params.mirror_axes, params.dummy_2d, use_mask_for_norm=[False], is_cascaded=False,
         foreground_labels=[1], regions=None, ignore_label=None,
     )
+    if label_transfer is not None:
+        insert_after_spatial(compose, label_transfer_transforms(label_transfer, labeled))
+    return compose
 
 
 _GLOBAL_RNG_LOCK = threading.Lock()
@@ -201,10 +209,14 @@ class BatchBuilder:
     Labeled: the last `round(b * oversample_foreground)` samples of each batch are centred on a
     foreground voxel (nnU-Net's `_oversample_last_XX_percent`); targets are the transformed masks,
     downsampled per deep-supervision scale. Unlabeled: random crops, `Batch.target` is None.
+    `balance_phases`: draw a phase uniformly, then one of its volumes (a site with 30 T2 and
+    5 DWI volumes still shows DWI as often as T2); otherwise every volume is equally likely.
+    `phase_weights` (with `balance_phases`): relative weight of a phase (missing phases: 1).
     """
 
     def __init__(self, volumes: Sequence, batch_size: int, params: AugmentationParams, transforms,
-                 *, labeled: bool, seed: int, oversample_foreground: float = 0.33, augment: bool = True):
+                 *, labeled: bool, seed: int, oversample_foreground: float = 0.33, augment: bool = True,
+                 balance_phases: bool = False, phase_weights: Mapping[str, float] | None = None):
         if not volumes:
             raise ValueError("BatchBuilder needs at least one volume")
         if batch_size < 1:
@@ -219,12 +231,27 @@ class BatchBuilder:
         self.rng = np.random.default_rng(seed)
         initial = params.initial_patch_size if augment else params.patch_size
         self.sampler = PatchSampler(initial, params.patch_size)
+        groups: dict[str, list[int]] = {}
+        for i, v in enumerate(self.volumes):
+            groups.setdefault(v.volume.phase if balance_phases else "", []).append(i)
+        self._groups = [groups[k] for k in sorted(groups)]
+        weights = np.array([float((phase_weights or {}).get(k, 1.0)) for k in sorted(groups)])
+        self._group_p = weights / weights.sum() if phase_weights else None
+
+    def _draw_volume(self) -> "_Volume":
+        if len(self._groups) == 1:
+            group = self._groups[0]
+        elif self._group_p is None:
+            group = self._groups[int(self.rng.integers(len(self._groups)))]
+        else:
+            group = self._groups[int(self.rng.choice(len(self._groups), p=self._group_p))]
+        return self.volumes[group[int(self.rng.integers(len(group)))]]
 
     def _force_foreground(self, j: int) -> bool:
         return j >= round(self.batch_size * (1 - self.oversample_foreground))
 
     def sample(self, j: int) -> tuple[torch.Tensor, list[torch.Tensor] | torch.Tensor, str]:
-        volume = self.volumes[int(self.rng.integers(len(self.volumes)))]
+        volume = self._draw_volume()
         data, seg = volume.arrays()
         fg = volume.foreground() if self._force_foreground(j) else None
         image, target = self.sampler.crop(data, seg, self.rng, fg)

@@ -1,7 +1,8 @@
 """Evaluation of a model at the site, per phase, on the raw grid of each volume.
 
-Only aggregate numbers leave the site; the qualitative figure is written to the site's own
-output folder and never crosses the network.
+Only aggregate numbers leave the site (per phase: cases, sums and sums of squares of Dice and
+HD95, see `common.scores`); the qualitative figure is written to the site's own output folder and
+never crosses the network.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from common.discovery import Case, Problem
 from common.inference import predict_image
 from common.metrics import dice, hd95
 from common.postprocessing import NO_POSTPROCESSING, Postprocessing
+from common.scores import PhaseSummary, to_metrics
 
 QUALITATIVE_PHASES = ("GED4", "T1", "T2", "DWI_800")
 
@@ -35,15 +37,13 @@ class SiteEvaluation:
     problems: list[Problem]
     examples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # phase -> (image, pred, truth) mid slices
 
-    def metrics(self) -> dict[str, float]:
-        """Flat numeric metrics for a Flower MetricRecord: mean Dice/HD95 and count per phase."""
-        out: dict[str, float] = {}
-        for phase, scores in self.per_phase.items():
-            out[f"dice-{phase}"] = float(np.mean(scores.dice))
-            out[f"hd95-{phase}"] = float(np.mean(scores.hd95))
-            out[f"cases-{phase}"] = float(len(scores.dice))
-        out["problems"] = float(len(self.problems))
-        return out
+    def summaries(self) -> dict[str, PhaseSummary]:
+        return {phase: PhaseSummary.of(scores.dice, scores.hd95) for phase, scores in self.per_phase.items()}
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """Flat numeric metrics for a Flower MetricRecord: per phase means, sums, sums of squares and
+        case counts of Dice and HD95, keys starting with `prefix` (`common.scores`)."""
+        return to_metrics(self.summaries(), prefix)
 
 
 def evaluate_pairs(

@@ -49,19 +49,41 @@ class CrossPseudoLoss(nn.Module):
     kind "ce": cross-entropy (the original CPS); "dice_ce": nnU-Net's Dice+CE (dual nnU-Net variant).
     Both take lists of logits, highest resolution first (a single tensor is one output); the targets
     are `argmax` of the teacher's outputs, computed without gradient.
+
+    `confidence` > 0: only voxels where the teacher's softmax exceeds it count (FixMatch-style
+    pseudo-labels, as the LiQA/CARE winners used them); "ce" averages over all voxels, so a teacher
+    confident nowhere teaches nothing, "dice_ce" ignores the others (nnU-Net's ignore label).
     """
 
-    def __init__(self, kind: str = "ce", num_outputs: int = 5, batch_dice: bool = False):
+    def __init__(self, kind: str = "ce", num_outputs: int = 5, batch_dice: bool = False, confidence: float = 0.0):
         super().__init__()
         if kind not in ("ce", "dice_ce"):
             raise ValueError(f"cps loss must be 'ce' or 'dice_ce', got {kind!r}")
+        if not 0.0 <= confidence < 1.0:
+            raise ValueError(f"cps confidence must be in [0, 1), got {confidence}")
         self.kind = kind
+        self.confidence = float(confidence)
         self.weights = tuple(float(w) for w in deep_supervision_weights(num_outputs))
         if kind == "ce":
             from nnunetv2.training.loss.robust_ce_loss import RobustCrossEntropyLoss
-            self.loss = RobustCrossEntropyLoss()
+            self.loss = RobustCrossEntropyLoss(reduction="none" if self.confidence > 0 else "mean")
+        elif self.confidence > 0:
+            from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+            from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+            self.loss = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                                       weight_ce=1, weight_dice=1, ignore_label=_IGNORE,
+                                       dice_class=MemoryEfficientSoftDiceLoss)
         else:
             self.loss = supervised_loss(1, batch_dice).loss  # the unwrapped DC_and_CE_loss
+
+    def _one(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        target = hard_labels(teacher)
+        if self.confidence <= 0:
+            return self.loss(student, target)
+        confident = confident_mask(teacher, self.confidence)
+        if self.kind == "ce":
+            return (self.loss(student, target) * confident[:, 0].float()).mean()
+        return self.loss(student, torch.where(confident, target, torch.full_like(target, _IGNORE)))
 
     def forward(self, student: Sequence[torch.Tensor] | torch.Tensor,
                 teacher: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -72,8 +94,18 @@ class CrossPseudoLoss(nn.Module):
         for w, s, t in zip(weights, student, teacher):
             if w == 0:
                 continue
-            total = total + w * self.loss(s, hard_labels(t))
+            total = total + w * self._one(s, t)
         return total
+
+
+#: Label of voxels the confident cross term ignores ("dice_ce"); never a class of the nets.
+_IGNORE = 2
+
+
+@torch.no_grad()
+def confident_mask(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(b, 1, ...) bool: the teacher's highest softmax probability exceeds `threshold`."""
+    return torch.softmax(logits.detach().float(), dim=1).amax(dim=1, keepdim=True) > threshold
 
 
 @torch.no_grad()
@@ -117,5 +149,5 @@ def poly_lr(initial_lr: float, iteration: int, total_iterations: int, exponent: 
     return float(initial_lr * (1.0 - frac) ** exponent)
 
 
-__all__ = ["deep_supervision_weights", "supervised_loss", "CrossPseudoLoss", "hard_labels", "proximal_term",
+__all__ = ["deep_supervision_weights", "supervised_loss", "CrossPseudoLoss", "hard_labels", "confident_mask", "proximal_term",
            "cps_lambda", "poly_lr"]

@@ -1,20 +1,28 @@
 """One hospital as the ClientApp sees it: who it is, where its data and cache live, what it trains on.
 
+What each case is for follows the evaluation protocol: at a training site, only cases of the
+"train" split are trained on (and fingerprinted); "validation" cases (labeled GED4) only serve model
+selection, "test" cases only the report. At a held-out site (role "eval") every case is a test case.
+
 In deployment the SuperNode's node_config names the site (`site="A" role="train" data-dir="/data"`);
 in simulation node_config holds only the partition id, mapped to a site through the run config.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from client.label_propagation import propagate_mask
 from common.discovery import Case, CaseIndex, Problem, index_dataset
 from common.federation_config import FederationConfig, SiteAssignment
 from common.phases import LABELED_PHASE, NON_CONTRAST_PHASES
 from common.preprocessing import PreprocessedVolume, PreprocessingCache, preprocess_case_phases
+from common.splits import SPLITS, TEST, TRAIN, VALIDATION
 
 
 @dataclass(frozen=True)
@@ -85,16 +93,25 @@ class SiteData:
 
     @property
     def cases(self) -> list[Case]:
+        """Every usable case of the site, whatever its split."""
         return self.index.cases
 
+    def cases_in(self, split: str) -> list[Case]:
+        """The site's cases of one split; a held-out site has no split: every case is a test case."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+        if self.identity.role == "eval":
+            return list(self.cases) if split == TEST else []
+        return [case for case in self.cases if case.split == split]
+
     def labeled_pairs(self) -> list[tuple[Case, str]]:
-        """(case, phase) with a mask: the few labeled GED4 volumes at a training site."""
-        return [(case, phase) for case in self.cases for phase in case.masks if phase in case.images]
+        """(case, phase) with a mask among training cases: the few labeled GED4 volumes."""
+        return [(case, phase) for case in self.cases_in(TRAIN) for phase in case.masks if phase in case.images]
 
     def unlabeled_pairs(self) -> list[tuple[Case, str]]:
-        """Unlabeled GED4 plus every case's non-contrast phases; each phase its own sample."""
+        """Unlabeled GED4 plus the non-contrast phases of training cases; each phase its own sample."""
         pairs = []
-        for case in self.cases:
+        for case in self.cases_in(TRAIN):
             if LABELED_PHASE in case.images and LABELED_PHASE not in case.masks:
                 pairs.append((case, LABELED_PHASE))
             pairs.extend((case, phase) for phase in self.unlabeled_phases if phase in case.images and phase not in case.masks)
@@ -106,18 +123,60 @@ class SiteData:
         pairs += [(case.images[phase], None) for case, phase in self.unlabeled_pairs()]
         return pairs
 
-    def training_volumes(self, plans: dict, *, include_unlabeled: bool = True) -> TrainingVolumes:
+    def propagated_pairs(self) -> tuple[list[tuple[Case, str]], list[Problem]]:
+        """(case, phase) of the labeled training cases' other phases (the unlabeled phases), each
+        case carrying its GED4 mask propagated onto that phase's grid (`client.label_propagation`)."""
+        pairs, problems = [], []
+        for case, labeled_phase in self.labeled_pairs():
+            if labeled_phase != LABELED_PHASE:
+                continue
+            for phase in self.unlabeled_phases:
+                if phase not in case.images or phase in case.masks:
+                    continue
+                out = self.identity.cache_dir / "propagated" / case.case_id / f"mask_{phase}_from_{LABELED_PHASE}.nii.gz"
+                try:
+                    mask = propagate_mask(case.masks[LABELED_PHASE], case.images[phase], out, case.foreground_labels)
+                except Exception as e:  # an unreadable image must not stop the site
+                    problems.append(Problem(case.images[phase], f"label propagation failed: {' '.join(str(e).split())}"))
+                    continue
+                pairs.append((dataclasses.replace(case, masks={phase: mask}), phase))
+        return pairs, problems
+
+    def training_volumes(self, plans: dict, *, include_unlabeled: bool = True,
+                         propagate_labels: bool = False) -> TrainingVolumes:
+        """Labeled (with `propagate_labels`, also the labeled cases' other phases under their
+        propagated GED4 mask) and unlabeled volumes of the training cases, preprocessed."""
         cache = PreprocessingCache(self.identity.cache_dir / "preprocessed", plans)
         labeled, problems = _preprocess(cache, self.labeled_pairs(), with_masks=True)
+        unlabeled_pairs = self.unlabeled_pairs()
+        if propagate_labels:
+            pairs, failed = self.propagated_pairs()
+            more, failed_too = _preprocess(cache, pairs, with_masks=True)
+            labeled += more
+            problems += failed + failed_too
+            # Now labeled: also unlabeled, they would share (and fight over) one cache entry.
+            taken = {(case.case_id, phase) for case, phase in pairs}
+            unlabeled_pairs = [(case, phase) for case, phase in unlabeled_pairs if (case.case_id, phase) not in taken]
         unlabeled: list[PreprocessedVolume] = []
         if include_unlabeled:
-            unlabeled, more = _preprocess(cache, self.unlabeled_pairs(), with_masks=False)
+            unlabeled, more = _preprocess(cache, unlabeled_pairs, with_masks=False)
             problems += more
         return TrainingVolumes(labeled, unlabeled, problems)
 
-    def evaluation_pairs(self) -> list[tuple[Case, str]]:
-        """Every phase with ground truth: all phases at a held-out centre, labeled GED4 elsewhere."""
-        return self.labeled_pairs()
+    def validation_pairs(self) -> list[tuple[Case, str]]:
+        """(case, GED4) of labeled validation cases: what model selection looks at."""
+        return [(case, LABELED_PHASE) for case in self.cases_in(VALIDATION)
+                if LABELED_PHASE in case.masks and LABELED_PHASE in case.images]
+
+    def validation_volumes(self, plans: dict) -> TrainingVolumes:
+        """The validation GED4 volumes, preprocessed with their masks (the trainer's CPS gate)."""
+        cache = PreprocessingCache(self.identity.cache_dir / "preprocessed", plans)
+        labeled, problems = _preprocess(cache, self.validation_pairs(), with_masks=True)
+        return TrainingVolumes(labeled, [], problems)
+
+    def test_pairs(self) -> list[tuple[Case, str]]:
+        """(case, phase) for every phase with a mask of test cases (every labeled phase at a held-out site)."""
+        return [(case, phase) for case in self.cases_in(TEST) for phase in case.masks if phase in case.images]
 
 
 def _preprocess(

@@ -30,6 +30,8 @@ from torch import nn
 from client.data_loading import (AugmentationParams, Batch, BatchBuilder, Prefetcher, augmentation_params,
                                  build_training_transforms, deep_supervision_scales)
 from client.losses import CrossPseudoLoss, cps_lambda, poly_lr, proximal_term, supervised_loss
+from common.label_transfer_config import DEFAULT_LABEL_TRANSFER, LabelTransferConfig
+from common.phases import LABELED_PHASE
 from common.pretrained import load_initial_weights
 
 BRANCHES = ("a", "b")
@@ -53,6 +55,13 @@ class TrainerConfig:
     rampup: int | None = None                  # alias of rampup_iterations (architecture.md's name)
     cps_loss: str = "ce"                       # "ce" | "dice_ce"
     cps_on_labeled: bool = False               # also apply the cross term to the labeled batch
+    cps_confidence: float = 0.0                # cross term only where the teacher's softmax exceeds this (0: all)
+    cps_gate: float = 0.0                      # cross term off until validation Dice reaches this (0: no gate)
+    cps_gate_every: int = 25                   # iterations between validation checks while the gate is closed
+    balance_phases: bool = True                # batches draw a phase uniformly, then a volume of it
+    labeled_share: float = 0.5                 # share of labeled draws on the truly labeled phase (GED4)
+                                               # when propagated phases are labeled too (balance_phases)
+    label_transfer: LabelTransferConfig = DEFAULT_LABEL_TRANSFER
     proximal_mu: float = 0.0                   # FedProx mu (0: off)
     oversample_foreground: float = 0.33        # nnU-Net: this fraction of labeled samples centred on liver
     augment: bool = True                       # nnU-Net's training transforms
@@ -74,6 +83,8 @@ class TrainerConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.patch_size is not None:
             self.patch_size = tuple(int(p) for p in self.patch_size)
+        if isinstance(self.label_transfer, Mapping):
+            self.label_transfer = LabelTransferConfig(**self.label_transfer)
 
 
 @dataclass
@@ -145,7 +156,7 @@ class CPSTrainer:
     """Two STU-Nets ("a", "b") trained with cross pseudo supervision; see the module docstring."""
 
     def __init__(self, plans: dict, labeled: Sequence, unlabeled: Sequence, config: TrainerConfig | None = None,
-                 *, log: LogFn | None = None):
+                 *, validation: Sequence = (), log: LogFn | None = None):
         self.plans = plans
         self.config = config = config or TrainerConfig()
         self.log = log or print
@@ -179,21 +190,37 @@ class CPSTrainer:
         self.ds_scales = deep_supervision_scales(strides, num_outputs=5)
         batch_dice = bool(conf.get("batch_dice", False))
         self.sup_loss = supervised_loss(len(self.ds_scales), batch_dice)
-        self.cross_loss = CrossPseudoLoss(config.cps_loss, len(self.ds_scales), batch_dice)
+        self.cross_loss = CrossPseudoLoss(config.cps_loss, len(self.ds_scales), batch_dice, config.cps_confidence)
+        # The cross term waits while this is False: the gate on validation Dice, checked here on
+        # `validation` volumes (pooled training) or opened by the caller (the federation's server).
+        self.validation = list(validation)
+        self.cross_term_enabled = not (config.cps_gate > 0 and self.validation)
 
         seeds = np.random.SeedSequence(config.seed).spawn(2)
         self._labeled_builder = self._unlabeled_builder = None
         if self.labeled:
             self._labeled_builder = BatchBuilder(
-                self.labeled, config.batch_size, self.params, build_training_transforms(self.params, self.ds_scales),
-                labeled=True, seed=int(seeds[0].generate_state(1)[0]),
+                self.labeled, config.batch_size, self.params,
+                build_training_transforms(self.params, self.ds_scales, config.label_transfer, labeled=True),
+                labeled=True, seed=int(seeds[0].generate_state(1)[0]), balance_phases=config.balance_phases,
+                phase_weights=self._labeled_phase_weights(),
                 oversample_foreground=config.oversample_foreground, augment=config.augment)
         if self.unlabeled:
             # Same pipeline; the all-zero segmentation is dropped, so no deep-supervision downsampling.
             self._unlabeled_builder = BatchBuilder(
                 self.unlabeled, config.unlabeled_batch_size or config.batch_size, self.params,
-                build_training_transforms(self.params, None), labeled=False,
-                seed=int(seeds[1].generate_state(1)[0]), augment=config.augment)
+                build_training_transforms(self.params, None, config.label_transfer, labeled=False), labeled=False,
+                seed=int(seeds[1].generate_state(1)[0]), augment=config.augment, balance_phases=config.balance_phases)
+
+    def _labeled_phase_weights(self) -> dict[str, float] | None:
+        """GED4 drawn with `labeled_share`, the propagated phases sharing the rest equally: the
+        true labels keep their weight however many other phases a case has."""
+        phases = {v.phase for v in self.labeled}
+        others = phases - {LABELED_PHASE}
+        if LABELED_PHASE not in phases or not others:
+            return None
+        share = min(max(self.config.labeled_share, 0.0), 1.0)
+        return {LABELED_PHASE: share * len(others) / max(1.0 - share, 1e-9), **{p: 1.0 for p in others}}
 
     # ----------------------------------------------------------------------------------------- weights
     def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -261,7 +288,7 @@ class CPSTrainer:
             target = [t.to(self.device, non_blocking=True) for t in lb.target]
             sup = {b: self.sup_loss([o[:n_lab] for o in outputs[b]], target) for b in BRANCHES}
         cps = zero
-        if cfg.mode == "cps":
+        if cfg.mode == "cps" and lam > 0:
             start = 0 if cfg.cps_on_labeled else n_lab
             if start < x.shape[0]:
                 out_a = [o[start:] for o in outputs["a"]]
@@ -313,7 +340,11 @@ class CPSTrainer:
         with Prefetcher(self._next_batches, depth=cfg.prefetch, limit=iterations) as batches:
             for i in range(iterations):
                 t = start_iteration + i
-                lam = cps_lambda(t, cfg.lambda_max, cfg.rampup_iterations) if cfg.mode == "cps" else 0.0
+                if not self.cross_term_enabled and self.validation and i % max(1, cfg.cps_gate_every) == 0:
+                    self._check_gate(t, log)
+                lam = 0.0
+                if cfg.mode == "cps" and self.cross_term_enabled:
+                    lam = cps_lambda(t, cfg.lambda_max, cfg.rampup_iterations)
                 lr = poly_lr(cfg.learning_rate, t, total_iterations)
                 waited = time.perf_counter()
                 lb, ub = batches.get()
@@ -343,7 +374,28 @@ class CPSTrainer:
             lambda_last=lam, lr_last=lr, history=history,
         )
 
+    def _check_gate(self, iteration: int, log: LogFn) -> None:
+        score = self.validation_dice(self.validation)
+        self.cross_term_enabled = score is not None and score >= self.config.cps_gate
+        log(f"CPS gate at iteration {iteration}: validation Dice {score:.3f} "
+            f"{'>=' if self.cross_term_enabled else '<'} {self.config.cps_gate}: cross term "
+            f"{'on' if self.cross_term_enabled else 'off'}")
+
     # ----------------------------------------------------------------------------------------- signals
+    def validation_dice(self, volumes: Sequence, *, step: float = 0.5) -> float | None:
+        """Mean Dice of the pair (mean of both softmaxes) on labeled validation volumes, on the
+        preprocessed grid: the gate signal for the cross term. None without volumes."""
+        from common.inference import sliding_window_predict
+        from common.metrics import dice
+
+        scores = []
+        for volume in volumes:
+            data, seg, _ = volume.load(mmap=True)
+            data = torch.from_numpy(np.array(data, dtype=np.float32))  # writable copy of the memmap
+            probabilities = sliding_window_predict(list(self.nets.values()), data, self.params.patch_size, step=step)
+            scores.append(dice(probabilities.argmax(0).numpy() > 0, np.asarray(seg[0]) > 0))
+        return float(np.mean(scores)) if scores else None
+
     def branch_agreement(self, volumes: Mapping[str, Sequence] | Sequence, max_per_phase: int = 2,
                          *, step: float = 0.5) -> dict[str, float]:
         """Mean Dice between the two branches' argmax per phase: the label-free quality signal.

@@ -11,6 +11,9 @@ Layouts `index_dataset` understands:
   channel of its case. `imagesTs/` is not indexed. Without a dataset.json: one channel (GED4),
   labels {0, 1}, or {0, 1 liver, 2 tumor} with ATLAS naming.
 
+Splits: an optional `splits.json` in a Vendor_<X> folder (or beside an nnU-Net raw dataset.json)
+holds cases out of training as validation or test (`common.splits`); every `Case` carries its split.
+
 Label rule: the classes here are background and liver, so every non-background label of
 dataset.json whose name contains "liver", "tumor"/"tumour" or "lesion" counts as liver
 (`Case.foreground_labels`; ATLAS gives (1, 2)). Other declared labels may occur in masks and count
@@ -19,6 +22,7 @@ as background. Hidden files (".DS_Store") are skipped silently; any other unknow
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from common.phases import LABELED_PHASE, PHASES
+from common.splits import SPLIT_FILE, SPLITS, TRAIN, read_splits
 from common.validation import Problem, ValidationConfig, ValidationError, validate_case
 
 __all__ = [
@@ -50,8 +55,11 @@ class Case:
     images: Mapping[str, Path]  # phase -> image file (valid files only), in PHASES order
     masks: Mapping[str, Path]  # phase -> mask file (valid files only)
     foreground_labels: tuple[int, ...] = (1,)  # label values that mean liver (ATLAS: (1, 2))
+    split: str = TRAIN  # "train" | "validation" | "test", from the folder's splits.json
 
     def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"case {self.case_id}: split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         # Own plain dicts (picklable, detached from the caller's), phases in report order.
         order = {p: i for i, p in enumerate(PHASES)}
         for name in ("images", "masks"):
@@ -61,7 +69,7 @@ class Case:
 
     def __hash__(self) -> int:
         return hash((self.case_id, self.center, self.stage, tuple(self.images.items()),
-                     tuple(self.masks.items()), self.foreground_labels))
+                     tuple(self.masks.items()), self.foreground_labels, self.split))
 
     @property
     def labeled(self) -> bool:
@@ -80,7 +88,7 @@ class CaseIndex:
         return sorted({c.center for c in self.cases})
 
     def summary(self) -> str:
-        """Per center: cases, labeled cases, images and masks per phase, stages; then problems."""
+        """Per center: cases, labeled cases, stages, images and masks per phase, split sizes; then problems."""
         name = {"liqa": "LiQA", "nnunet": "nnU-Net raw"}.get(self.layout, self.layout)
         labeled = sum(c.labeled for c in self.cases)
         lines = [f"{name} layout at {self.root}: {_count(len(self.centers), 'center')}, "
@@ -99,6 +107,8 @@ class CaseIndex:
                       f"  {'phase':<8} {'images':>6} {'masks':>6}"]
             phases = [p for p in PHASES if p in images] + sorted(set(images) - set(PHASES))
             lines += [f"  {p:<8} {images[p]:>6} {masks[p]:>6}" for p in phases]
+            splits = Counter(c.split for c in cases)
+            lines.append("  split: " + ", ".join(f"{splits[s]} {s}" for s in SPLITS))
         lines.append(_count(len(self.problems), "problem"))
         lines += [str(p) for p in self.problems]
         return "\n".join(lines)
@@ -191,12 +201,23 @@ def _discover_liqa(root: Path, centers: Sequence[str] | None, problems: list[Pro
         by_center = {c: d for c, d in by_center.items() if c in centers}
     cases = []
     for center, vendor in sorted(by_center.items()):
+        found, folders = [], []
         for entry in _visible(vendor):
-            if not entry.is_dir():
+            if entry.is_dir():
+                folders.append(entry.name)
+                if case := _liqa_case(entry, center, problems):
+                    found.append(case)
+            elif entry.name != SPLIT_FILE:
                 problems.append(Problem(entry, "unexpected file (cases are folders)"))
-            elif case := _liqa_case(entry, center, problems):
-                cases.append(case)
+        cases += _with_splits(found, vendor / SPLIT_FILE, folders, problems)
     return cases
+
+
+def _with_splits(cases: list[Case], split_file: Path, case_ids: Sequence[str], problems: list[Problem]) -> list[Case]:
+    """`cases` with the split their folder's splits.json gives them (ids: every case folder found)."""
+    splits, split_problems = read_splits(split_file, case_ids)
+    problems += split_problems
+    return [dataclasses.replace(c, split=splits[c.case_id]) if c.case_id in splits else c for c in cases]
 
 
 def _read_dataset_json(root: Path, problems: list[Problem]) -> dict:
@@ -278,7 +299,7 @@ def _discover_nnunet(root: Path, problems: list[Problem]) -> tuple[list[Case], t
         known = labels[name].is_file() and name.endswith(ending)
         message = "mask without its image (ignored)" if known else "unexpected file (ignored)"
         problems.append(Problem(labels[name], message))
-    return cases, declared
+    return _with_splits(cases, root / SPLIT_FILE, list(grouped), problems), declared
 
 
 def index_dataset(

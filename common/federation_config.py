@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.label_transfer_config import DEFAULT_LABEL_TRANSFER, LabelTransferConfig
 from common.postprocessing import Postprocessing
 
 ROLES = ("train", "eval")
@@ -62,6 +63,11 @@ class FederationConfig:
     mode: str = "cps"
     cps_lambda_max: float = 1.0
     cps_rampup_rounds: int = 2
+    cps_confidence: float = 0.0  # cross term only where the teacher's softmax exceeds this (0: all voxels)
+    cps_gate: float = 0.0  # cross term off until the validation GED4 Dice of the last round reaches this
+    balance_phases: bool = True  # batches draw a phase first, then a volume
+    propagate_labels: bool = True  # labeled cases' other phases train under their GED4 mask (scanner coordinates)
+    label_transfer: LabelTransferConfig = DEFAULT_LABEL_TRANSFER  # augmentations of labeled samples
     weighted_by: str = "labeled"
     proximal_mu: float = 0.0
     server_momentum: float = 0.0
@@ -74,7 +80,7 @@ class FederationConfig:
     init_weights: str = ""
     evaluate_step: float = 0.5  # sliding-window step (fraction of the patch) for evaluation
     postprocessing: Postprocessing = Postprocessing()  # largest liver component on GED4 predictions
-    evaluate_train_sites: bool = True  # training sites also report on their own labeled volumes
+    evaluate_train_sites: bool = True  # training sites also score their test split (validation: always)
     agreement_volumes: int = 1  # unlabeled volumes per phase for the branch-agreement signal
     seed: int = 0
 
@@ -115,6 +121,13 @@ class FederationConfig:
             mode=mode,
             cps_lambda_max=float(get("cps-lambda-max", 1.0)),
             cps_rampup_rounds=int(get("cps-rampup-rounds", 2)),
+            cps_confidence=float(get("cps-confidence", 0.0)),
+            cps_gate=float(get("cps-gate", 0.0)),
+            balance_phases=bool(get("balance-phases", True)),
+            propagate_labels=bool(get("propagate-labels", True)),
+            label_transfer=LabelTransferConfig(**{
+                name.replace("-", "_"): float(get(name, getattr(DEFAULT_LABEL_TRANSFER, name.replace("-", "_"))))
+                for name in LabelTransferConfig.option_names()}),
             weighted_by=weighted_by,
             proximal_mu=float(get("proximal-mu", 0.0)),
             server_momentum=float(get("server-momentum", 0.0)),

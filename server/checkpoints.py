@@ -3,7 +3,8 @@
     run_dir/
       plans.json, plans.sha256        the federated plans, pinned by hash
       checkpoints/round_0003/         MODEL_DIR of the global pair after round 3
-      checkpoints/best/               MODEL_DIR with the best held-out Dice so far
+      checkpoints/best/               MODEL_DIR with the best validation GED4 Dice so far (training
+                                      sites' validation cases; absent when no site has any)
       server_state.json               last complete round, best round, history of every round
       momentum.safetensors            FedAvgM buffer (only with server momentum)
 
@@ -31,7 +32,7 @@ from common.weights import flatten, to_torch, unflatten
 class ServerState:
     last_round: int = 0
     best_round: int = 0
-    best_score: float = -1.0
+    best_score: float = -1.0  # pooled validation GED4 Dice of best_round
     history: list[dict] = field(default_factory=list)  # one entry per completed round
 
 

@@ -1,8 +1,10 @@
 """The federation as the coordinator runs it, round by round.
 
     identify nodes -> round 0: federated planning (fingerprints -> merged -> plans, pinned by hash)
-    -> rounds 1..N: local CPS at training sites -> screen + FedAvg per branch -> checkpoint
-                    -> evaluation of the global pair at every site (held-out centres per phase)
+    -> rounds 1..N: local CPS at training sites -> screen + FedAvg per branch
+                    -> evaluation of the global pair on cases no site trains on: training sites'
+                       validation GED4 (selects checkpoints/best) and test splits, held-out centres'
+                       every case (per phase) -> checkpoint
     -> report.json, metrics.csv, plots
 
 Resuming a run folder continues after its last complete round with the same numbering.
@@ -29,7 +31,7 @@ from common.weights import flatten, from_arrayrecord, record_nbytes, to_arrayrec
 from server.checkpoints import RunFolder, ServerState
 from server.messaging import Failure, NodeInfo, broadcast, wait_for_nodes
 from server.plots import plot_run
-from server.report import build_report, center_scores, format_table, heldout_score, write_report
+from server.report import NO_VALIDATION, build_report, evaluation_entry, format_table, selection_score, write_report
 from server.strategy import NodeUpdate, PairAggregator
 
 Log = Callable[[str], None]
@@ -42,6 +44,7 @@ class Federation:
         self.log = log
         self.run = RunFolder(config.run_dir)
         self.nodes: dict[int, NodeInfo] = {}
+        self._said_no_validation = False
 
     # ------------------------------------------------------------------------------ nodes
     def identify_nodes(self) -> None:
@@ -55,10 +58,13 @@ class Federation:
         for node_id, reply in replies.items():
             identity = reply.content["identity"]
             counts = reply.content["counts"]
-            info = NodeInfo(node_id, str(identity["site"]), str(identity["role"]))
+            info = NodeInfo(node_id, str(identity["site"]), str(identity["role"]),
+                            validation_cases=int(counts.get("validation-cases", 0)),
+                            test_cases=int(counts.get("test-cases", 0)))
             self.nodes[node_id] = info
             self.log(
-                f"node {node_id}: site {info.site} ({info.role}), {int(counts['cases'])} cases, "
+                f"node {node_id}: site {info.site} ({info.role}), {int(counts['cases'])} cases "
+                f"({info.validation_cases} validation, {info.test_cases} test), "
                 f"{int(counts['labeled-volumes'])} labeled / {int(counts['unlabeled-volumes'])} unlabeled volumes, "
                 f"{int(counts['problems'])} input problems"
             )
@@ -123,7 +129,17 @@ class Federation:
         return flatten(branches)
 
     # ------------------------------------------------------------------------------ rounds
-    def round_config(self, server_round: int, plans_json: str, digest: str) -> ConfigRecord:
+    def cross_term_open(self, history: list[Mapping]) -> bool:
+        """The CPS gate: open once the latest validation GED4 Dice reaches `cps-gate` (0: always
+        open). Pseudo-labels from a pair that cannot yet segment the labeled phase teach noise."""
+        if self.config.cps_gate <= 0:
+            return True
+        for entry in reversed(history):
+            if (selected := selection_score(entry)) is not None:
+                return selected.dice.mean >= self.config.cps_gate
+        return False
+
+    def round_config(self, server_round: int, plans_json: str, digest: str, *, cps_enabled: bool = True) -> ConfigRecord:
         c = self.config
         return ConfigRecord(
             {
@@ -139,6 +155,11 @@ class Federation:
                 "learning-rate": c.learning_rate,
                 "cps-lambda-max": c.cps_lambda_max,
                 "rampup-iterations": c.rampup_iterations,
+                "cps-confidence": c.cps_confidence,
+                "cps-enabled": cps_enabled,
+                "balance-phases": c.balance_phases,
+                "propagate-labels": c.propagate_labels,
+                **c.label_transfer.to_dict_hyphenated(),
                 "proximal-mu": c.proximal_mu,
                 "local-norm": c.local_norm,
                 "local-momentum": c.local_momentum,
@@ -146,6 +167,7 @@ class Federation:
                 "seed": c.seed + 1000 * server_round,
                 "qualitative": server_round == c.num_rounds,
                 "evaluate-step": c.evaluate_step,
+                "evaluate-test": c.evaluate_train_sites,  # training sites' test split (held-out centres: always)
                 **{f"postprocessing-{k}": v for k, v in c.postprocessing.to_info().items()},
                 "agreement-volumes": c.agreement_volumes,
             }
@@ -187,19 +209,29 @@ class Federation:
             "bytes": {"to-each-node": record_nbytes(arrays), "from-node": reply_bytes},
         }
 
-    def evaluate_round(self, server_round: int, current: dict[str, np.ndarray], config: ConfigRecord) -> dict:
+    def evaluation_nodes(self, test: bool = True) -> dict[int, str]:
+        """Training sites with validation cases (model selection needs them every round); with
+        `test`, also held-out centres and the training sites' test splits (`evaluate-train-sites`)."""
+        def evaluates(info: NodeInfo) -> bool:
+            return info.validation_cases > 0 or test and (info.role == "eval" or (
+                self.config.evaluate_train_sites and info.test_cases > 0))
+
+        return {n: info.site for n, info in self.nodes.items() if evaluates(info)}
+
+    def evaluate_round(self, server_round: int, current: dict[str, np.ndarray], config: ConfigRecord,
+                       *, test: bool = True) -> dict:
+        """`centers` (test scores per centre), `in_distribution` and `validation` of a round entry;
+        without `test`, validation only (the rounds between two `evaluate-every` rounds)."""
+        config = ConfigRecord({**dict(config), "evaluate-test": bool(test and self.config.evaluate_train_sites)})
         content = RecordDict({"arrays": to_arrayrecord(current, fp16=self.config.fp16_transport), "config": config})
-        nodes = self.all_nodes if self.config.evaluate_train_sites else {
-            n: site for n, site in self.all_nodes.items() if self.nodes[n].role == "eval"
-        }
         replies, failures = broadcast(
-            self.grid, nodes, "evaluate", content, group=f"eval-{server_round}", timeout=self.config.round_timeout_s
+            self.grid, self.evaluation_nodes(test), "evaluate", content, group=f"eval-{server_round}",
+            timeout=self.config.round_timeout_s,
         )
         self._report_failures(failures)
-        return {
-            self.nodes[node_id].site: center_scores({k: float(v) for k, v in reply.content["metrics"].items()})
-            for node_id, reply in sorted(replies.items(), key=lambda item: self.nodes[item[0]].site)
-        }
+        metrics = {self.nodes[n].site: {k: float(v) for k, v in reply.content["metrics"].items()}
+                   for n, reply in replies.items()}
+        return evaluation_entry(metrics, training=set(self.training_nodes.values()))
 
     # ------------------------------------------------------------------------------ the run
     def run_all(self) -> dict:
@@ -217,10 +249,15 @@ class Federation:
             current = self.initial_model(plans)
         for server_round in range(state.last_round + 1, c.num_rounds + 1):
             started = time.perf_counter()
-            config = self.round_config(server_round, plans_json, digest)
+            cps_enabled = self.cross_term_open(state.history)
+            if c.mode == "cps" and c.cps_gate > 0:
+                self.log(f"round {server_round}: CPS cross term {'on' if cps_enabled else 'off'} "
+                         f"(gate: validation GED4 Dice >= {c.cps_gate})")
+            config = self.round_config(server_round, plans_json, digest, cps_enabled=cps_enabled)
             current, entry = self.train_round(server_round, current, config, aggregator)
-            if server_round % c.evaluate_every == 0 or server_round == c.num_rounds:
-                entry["centers"] = self.evaluate_round(server_round, current, config)
+            test_round = server_round % c.evaluate_every == 0 or server_round == c.num_rounds
+            evaluation = self.evaluate_round(server_round, current, config, test=test_round)
+            entry.update(evaluation if test_round else {"validation": evaluation.get("validation", {})})
             entry = {"round": server_round, **entry, "seconds": round(time.perf_counter() - started, 1)}
             self._checkpoint(server_round, current, plans, entry, state, aggregator)
             self._log_round(entry)
@@ -230,13 +267,18 @@ class Federation:
         self, server_round: int, current: dict[str, np.ndarray], plans: dict, entry: dict, state: ServerState,
         aggregator: PairAggregator,
     ) -> None:
-        info = {"metrics": entry.get("centers", {}), "postprocessing": self.config.postprocessing.to_info()}
+        info = {"metrics": entry.get("centers", {}), "validation": entry.get("validation", {}),
+                "postprocessing": self.config.postprocessing.to_info()}
         self.run.save_round(server_round, current, plans, info)
         self.run.save_momentum(aggregator.velocity)
-        score = heldout_score(entry, self.heldout_sites or sorted(entry.get("centers", {})))
-        if score is not None and score > state.best_score:
-            state.best_round, state.best_score = server_round, score
+        # Selection looks at the training sites' validation cases only, never at a test score.
+        selected = selection_score(entry)
+        if selected is not None and selected.dice.mean > state.best_score:
+            state.best_round, state.best_score = server_round, selected.dice.mean
             self.run.promote_best(server_round)
+        elif selected is None and "centers" in entry and not self._said_no_validation:
+            self.log(f"round {server_round}: {NO_VALIDATION}")
+            self._said_no_validation = True
         state.history.append(entry)
         state.last_round = server_round
         self.run.save_state(state)  # last: the round is complete only now
@@ -244,25 +286,33 @@ class Federation:
 
     def _log_round(self, entry: Mapping) -> None:
         parts = [f"round {entry['round']}/{self.config.num_rounds} in {entry['seconds']:.0f}s"]
-        for site in self.heldout_sites:
-            scores = entry.get("centers", {}).get(site, {})
-            parts += [f"{site} {phase} Dice {s['dice']:.3f}" for phase, s in scores.items()]
+        if (selected := selection_score(entry)) is not None:
+            parts.append(f"validation GED4 Dice {selected.dice.mean:.3f} (n={selected.cases})")
+        groups = [("in-distribution", entry.get("in_distribution", {}))]
+        groups += [(site, entry.get("centers", {}).get(site, {})) for site in self.heldout_sites]
+        for name, scores in groups:
+            parts += [f"{name} {phase} Dice {s['dice']:.3f} (n={s['cases']})" for phase, s in scores.items()]
         self.log(" | ".join(parts))
 
     def finish(self, state: ServerState) -> dict:
         report = build_report(
             state.history,
             heldout=self.heldout_sites,
+            training=sorted(self.training_nodes.values()),
             final_model=self.run.round_dir(state.last_round),
             best_model=self.run.best_dir if state.best_round else None,
             best_round=state.best_round,
-            best_score=state.best_score,
             config={k: str(v) for k, v in asdict(self.config).items()},
         )
         path = write_report(self.config.run_dir, report)
-        plot_run(state.history, self.config.run_dir / "plots")
+        plot_run(state.history, self.config.run_dir / "plots", heldout=self.heldout_sites)
         self.log(f"report: {path}")
-        self.log("final evaluation (round %d):\n%s" % (report["final"]["round"], format_table(report["final"]["centers"], self.heldout_sites)))
+        final = report["final"]
+        table = format_table(final["centers"], self.heldout_sites, in_distribution=final["in_distribution"])
+        best = report["best"]
+        selection = (f"best: round {best['round']} on {best['selected_on']} (Dice {best['score']:.3f})"
+                     if best["round"] else f"best: {best['note']}")
+        self.log(f"final evaluation (round {final['round']}), test cases only:\n{table}\n{selection}")
         return report
 
     def _report_failures(self, failures: list[Failure]) -> None:

@@ -14,7 +14,9 @@ from flwr.serverapp import Grid
 class NodeInfo:
     node_id: int
     site: str
-    role: str
+    role: str  # "train" | "eval"
+    validation_cases: int = 0  # held out from training by the site's splits.json
+    test_cases: int = 0  # every case at a held-out ("eval") site
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""PNG plots of a run: held-out Dice per phase against round, training losses, branch agreement."""
+"""PNG plots of a run: test Dice per phase against round (mean ± sd, n), training losses, branch agreement."""
 
 from __future__ import annotations
 
@@ -11,42 +11,59 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from common.phases import PHASES  # noqa: E402
+from common.phases import LABELED_PHASE, PHASES  # noqa: E402
+from server.report import pooled_validation  # noqa: E402
 
 
-def plot_run(history: Sequence[Mapping], out_dir: Path) -> list[Path]:
+def plot_run(history: Sequence[Mapping], out_dir: Path, heldout: Sequence[str] = ()) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [
-        _plot_dice(history, out_dir / "dice_per_round.png"),
+        _plot_dice(history, heldout, out_dir / "dice_per_round.png"),
         _plot_train_metric(history, "loss-", "training loss", out_dir / "training_losses.png"),
         _plot_train_metric(history, "agreement-", "Dice between branches (unlabeled)", out_dir / "branch_agreement.png"),
     ]
     return [path for path in written if path is not None]
 
 
-def _plot_dice(history: Sequence[Mapping], path: Path) -> Path | None:
-    centers = sorted({c for entry in history for c in entry.get("centers", {})})
-    if not centers:
+def _plot_dice(history: Sequence[Mapping], heldout: Sequence[str], path: Path) -> Path | None:
+    """One panel per group of test cases: the training sites' test splits pooled (with the pooled
+    validation GED4 that selects the best model, dashed), each training site, each held-out centre."""
+    centers = sorted({c for entry in history for c in entry.get("centers", {})},
+                     key=lambda c: (c in heldout, c))
+    validation = [(e["round"], v[LABELED_PHASE]) for e in history if LABELED_PHASE in (v := pooled_validation(e))]
+    panels: list[tuple[str, list[tuple[int, Mapping]], list[tuple[int, Mapping]]]] = []
+    pooled = [(e["round"], e["in_distribution"]) for e in history if e.get("in_distribution")]
+    if pooled or validation:
+        panels.append(("in-distribution test (pooled)", pooled, validation))
+    for center in centers:
+        title = f"centre {center} ({'held out' if center in heldout else 'test split'})"
+        panels.append((title, [(e["round"], e["centers"][center]) for e in history if center in e.get("centers", {})], []))
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, len(centers), figsize=(4.2 * len(centers), 3.6), squeeze=False, sharey=True)
-    for ax, center in zip(axes[0], centers):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, sharey=True)
+    for ax, (title, points, selection) in zip(axes[0], panels):
         for phase in PHASES:
-            points = [
-                (entry["round"], entry["centers"][center][phase]["dice"])
-                for entry in history
-                if phase in entry.get("centers", {}).get(center, {})
-            ]
-            if points:
-                rounds, values = zip(*points)
-                ax.plot(rounds, values, marker="o", label=phase)
-        ax.set_title(f"centre {center}")
+            _errorbar(ax, [(r, scores[phase]) for r, scores in points if phase in scores], phase)
+        _errorbar(ax, selection, f"validation {LABELED_PHASE}", linestyle="--", color="black")
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("Dice")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("Dice (mean ± sd over cases)")
     return _save(fig, path)
+
+
+def _errorbar(ax: plt.Axes, points: Sequence[tuple[int, Mapping]], label: str, **style) -> None:
+    """Mean Dice per round with ± sd bars; the legend names the number of cases (last round's)."""
+    if not points:
+        return
+    rounds = [r for r, _ in points]
+    means = [s["dice"] for _, s in points]
+    sds = [s.get("dice_sd") or 0.0 for _, s in points]
+    label = f"{label} (n={points[-1][1]['cases']})"
+    ax.errorbar(rounds, means, yerr=sds, marker="o", markersize=4, capsize=2, label=label, **style)
 
 
 def _plot_train_metric(history: Sequence[Mapping], prefix: str, title: str, path: Path) -> Path | None:

@@ -1,10 +1,19 @@
 """The run's report: report.json (the contract), metrics.csv, a terminal table, and PNG plots.
 
+Evaluation protocol: every figure is on cases no site trained on. "centers" holds each centre's
+test scores (a training site's test split, a held-out centre's every case); "in_distribution"
+pools the training sites' test splits; "validation" (training sites' validation GED4) is what
+`checkpoints/best` is selected on, and nothing else is. Scores per phase are
+`{"dice", "dice_sd", "hd95", "hd95_sd", "cases"}`: means, sample sds (null below two cases), n.
+
 report.json:
-    {"rounds": [{"round": r, "centers": {C: {PHASE: {"dice", "hd95", "cases"}}, ...},
-                 "train": {SITE: {metric: value}}, "rejected": [...], "seconds": s}],
-     "final": {"round": N, "centers": {...}}, "best": {"round": k, "score": x},
-     "final_model": "<MODEL_DIR>", "best_model": "<MODEL_DIR>", "heldout_centers": [...], "config": {...}}
+    {"rounds": [{"round": r, "centers": {C: {PHASE: scores}}, "in_distribution": {PHASE: scores},
+                 "validation": {SITE: {"GED4": scores}}, "train": {SITE: {metric: value}},
+                 "rejected": [...], "seconds": s}],
+     "final": {"round": N, "centers": {...}, "in_distribution": {...}, "validation": {...}},
+     "best": {"round": k, "selected_on": "validation GED4 Dice, training sites, n=3", "score": x},
+     "final_model": "<MODEL_DIR>", "best_model": "<MODEL_DIR>" | null,
+     "training_centers": [...], "heldout_centers": [...], "config": {...}}
 """
 
 from __future__ import annotations
@@ -12,39 +21,74 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
-from common.phases import PHASES
+from common.phases import LABELED_PHASE, PHASES
+from common.scores import VALIDATION_PREFIX, PhaseSummary, from_metrics, pool
+
+SELECTION_RULE = f"validation {LABELED_PHASE} Dice, training sites"
+NO_VALIDATION = "no training site has validation cases: no best model promoted (use final_model)"
+POOLED = "pooled"  # the site column of pooled rows in metrics.csv
+
+Scores = Mapping[str, Mapping[str, float | int | None]]  # phase -> {"dice", "dice_sd", "hd95", "hd95_sd", "cases"}
 
 
-def center_scores(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
-    """`{"dice-GED4": .., "hd95-GED4": .., "cases-GED4": ..}` -> `{"GED4": {"dice", "hd95", "cases"}}`."""
-    per_phase: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        kind, _, phase = key.partition("-")
-        if kind in ("dice", "hd95", "cases") and phase:
-            per_phase.setdefault(phase, {})[kind] = float(value)
-    order = {phase: i for i, phase in enumerate(PHASES)}
-    return dict(sorted(per_phase.items(), key=lambda item: order.get(item[0], len(order))))
+def _to_json(per_phase: Mapping[str, PhaseSummary]) -> dict[str, dict]:
+    return {phase: summary.to_json() for phase, summary in per_phase.items()}
 
 
-def heldout_score(entry: Mapping, heldout: Sequence[str], phase: str = "GED4") -> float | None:
-    """Mean Dice of `phase` over held-out centres in one round entry (None if not evaluated)."""
-    values = [entry["centers"][c][phase]["dice"] for c in heldout if phase in entry.get("centers", {}).get(c, {})]
-    return sum(values) / len(values) if values else None
+def _from_json(scores: Scores) -> dict[str, PhaseSummary]:
+    return {phase: PhaseSummary.from_json(s) for phase, s in scores.items()}
+
+
+def evaluation_entry(metrics: Mapping[str, Mapping[str, float]], training: Collection[str]) -> dict:
+    """The evaluation part of a round entry from each site's evaluate metrics (`site -> metrics`).
+
+    Validation scores count only from training sites: a held-out centre never selects a model.
+    """
+    test = {site: from_metrics(m) for site, m in sorted(metrics.items())}
+    validation = {site: from_metrics(m, VALIDATION_PREFIX) for site, m in sorted(metrics.items()) if site in training}
+    return {
+        "centers": {site: _to_json(scores) for site, scores in test.items() if scores},
+        "in_distribution": _to_json(pool(scores for site, scores in test.items() if site in training)),
+        "validation": {site: _to_json(scores) for site, scores in validation.items() if scores},
+    }
+
+
+def pooled_validation(entry: Mapping) -> dict[str, dict]:
+    """Per phase, the training sites' validation cases of one round entry pooled together."""
+    return _to_json(pool(_from_json(scores) for scores in entry.get("validation", {}).values()))
+
+
+def selection_score(entry: Mapping, phase: str = LABELED_PHASE) -> PhaseSummary | None:
+    """The pooled validation `phase` scores of one round entry: its mean Dice is what selects the
+    best model (a mean over validation cases, so weighted by each site's number of them).
+    None when no training site reported validation cases."""
+    pooled = pool(_from_json(scores) for scores in entry.get("validation", {}).values())
+    return pooled.get(phase)
+
+
+def best_section(history: Sequence[Mapping], best_round: int) -> dict:
+    """report.json's "best": the round `checkpoints/best` holds, the rule, and its score."""
+    entry = next((e for e in history if e["round"] == best_round), None) if best_round else None
+    selected = selection_score(entry) if entry else None
+    if selected is None:
+        return {"round": None, "selected_on": SELECTION_RULE, "score": None, "note": NO_VALIDATION}
+    return {"round": best_round, "selected_on": f"{SELECTION_RULE}, n={selected.cases}", "score": selected.dice.mean}
 
 
 def build_report(
-    history: Sequence[Mapping], *, heldout: Sequence[str], final_model: Path, best_model: Path | None,
-    best_round: int, best_score: float, config: Mapping,
+    history: Sequence[Mapping], *, heldout: Sequence[str], training: Sequence[str], final_model: Path,
+    best_model: Path | None, best_round: int, config: Mapping,
 ) -> dict:
-    evaluated = [entry for entry in history if entry.get("centers")]
-    final = evaluated[-1] if evaluated else {"round": 0, "centers": {}}
+    evaluated = [entry for entry in history if "centers" in entry]
+    final = evaluated[-1] if evaluated else {"round": 0}
     return {
         "rounds": list(history),
-        "final": {"round": final["round"], "centers": final["centers"]},
-        "best": {"round": best_round, "score": best_score, "metric": "held-out GED4 Dice"},
+        "final": {"round": final["round"], **{key: final.get(key, {}) for key in ("centers", "in_distribution", "validation")}},
+        "best": best_section(history, best_round),
+        "training_centers": list(training),
         "heldout_centers": list(heldout),
         "final_model": str(final_model),
         "best_model": str(best_model) if best_model else None,
@@ -62,30 +106,54 @@ def write_report(run_dir: Path, report: Mapping) -> Path:
 
 
 def write_csv(path: Path, history: Sequence[Mapping]) -> None:
-    """One row per (round, site, metric): held-out scores and training metrics alike."""
+    """One row per (round, site, kind, phase, metric). Kinds: "test" (each centre, and the training
+    sites' test splits pooled as site "pooled"), "validation" (each training site, and pooled),
+    "training" (the sites' training metrics). Metrics of scores: dice, dice_sd, hd95, hd95_sd, cases."""
     with path.open("w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["round", "site", "kind", "phase", "metric", "value"])
+
+        def scores(entry: Mapping, site: str, kind: str, per_phase: Scores) -> None:
+            for phase, values in per_phase.items():
+                for metric, value in values.items():
+                    writer.writerow([entry["round"], site, kind, phase, metric, "" if value is None else value])
+
         for entry in history:
-            for site, phases in entry.get("centers", {}).items():
-                for phase, scores in phases.items():
-                    for metric, value in scores.items():
-                        writer.writerow([entry["round"], site, "evaluation", phase, metric, value])
+            for site, per_phase in entry.get("centers", {}).items():
+                scores(entry, site, "test", per_phase)
+            scores(entry, POOLED, "test", entry.get("in_distribution", {}))
+            for site, per_phase in entry.get("validation", {}).items():
+                scores(entry, site, "validation", per_phase)
+            scores(entry, POOLED, "validation", pooled_validation(entry))
             for site, metrics in entry.get("train", {}).items():
                 for metric, value in metrics.items():
                     writer.writerow([entry["round"], site, "training", "", metric, value])
 
 
-def format_table(centers: Mapping[str, Mapping[str, Mapping[str, float]]], heldout: Sequence[str]) -> str:
-    """Per-centre, per-phase Dice and HD95 as an aligned text table."""
-    phases = [p for p in PHASES if any(p in scores for scores in centers.values())]
-    header = f"{'center':<10}" + "".join(f"{p:>18}" for p in phases)
-    lines = [header, f"{'':<10}" + "".join(f"{'Dice / HD95 mm':>18}" for _ in phases), "-" * len(header)]
-    for center, scores in centers.items():
-        label = f"{center}{' *' if center in heldout else ''}"
-        cells = [
-            f"{scores[p]['dice']:>8.3f} / {scores[p]['hd95']:>6.1f}" if p in scores else f"{'-':>18}" for p in phases
-        ]
-        lines.append(f"{label:<10}" + "".join(f"{c:>18}" for c in cells))
-    lines.append("* held-out centre (never trains)")
-    return "\n".join(lines)
+def format_table(
+    centers: Mapping[str, Scores], heldout: Sequence[str], *, in_distribution: Scores | None = None,
+) -> str:
+    """Per phase mean±sd (n cases) of Dice and of HD95 (mm): the training sites' test splits pooled
+    ("in-distribution"), each centre's test scores, held-out centres marked."""
+    rows: list[tuple[str, Scores]] = [("in-distribution", in_distribution)] if in_distribution else []
+    rows += [(f"  {c}", scores) for c, scores in centers.items() if c not in heldout]
+    rows += [(f"{c} *", centers[c]) for c in heldout if c in centers]
+    phases = [p for p in PHASES if any(p in scores for _, scores in rows)]
+    blocks = []
+    for metric, title, digits in (("dice", "Dice", 3), ("hd95", "HD95 (mm)", 1)):
+        header = f"{title + ', mean±sd (n)':<22}" + "".join(f"{p:>17}" for p in phases)
+        lines = [header, "-" * len(header)]
+        for label, scores in rows:
+            cells = [_cell(scores[p], metric, digits) if p in scores else "-" for p in phases]
+            lines.append(f"{label:<22}" + "".join(f"{c:>17}" for c in cells))
+        blocks.append("\n".join(lines))
+    footer = ["in-distribution: the training sites' test splits pooled (indented rows: each site's)",
+              "* held-out centre (never trains; every case is a test case)"]
+    return "\n\n".join(blocks) + "\n" + "\n".join(footer if in_distribution else footer[1:])
+
+
+def _cell(scores: Mapping[str, float | int | None], metric: str, digits: int) -> str:
+    mean, sd, n = scores[metric], scores.get(f"{metric}_sd"), scores.get("cases")
+    text = f"{mean:.{digits}f}" + (f"±{sd:.{digits}f}" if sd is not None else "")
+    return text + (f" ({int(n)})" if n is not None else "")
+

@@ -2,7 +2,8 @@
 
     python -m simulations.demo --run-dir runs/demo
 
-Centres A, B1 and B2 train (a few labeled GED4 volumes each, more unlabeled cases and phases);
+Centres A, B1 and B2 train (a few labeled GED4 volumes each, more unlabeled cases and phases) and
+hold out a few test cases (scored per phase) and a validation case (selects checkpoints/best);
 centre C never trains and is evaluated per phase every round. Writes RUN_DIR/report.json,
 RUN_DIR/metrics.csv, RUN_DIR/plots/*.png and a qualitative PNG per site under RUN_DIR/sites/.
 """
@@ -31,11 +32,13 @@ class DemoConfig:
     cases: int = 8
     labeled: int = 3
     seed: int = 0
-    heldout_cases: int = 4
+    heldout_cases: int = 8
+    test_cases: int = 2  # per training centre, held out by splits.json: in-distribution test
+    validation_cases: int = 1  # per training centre, held out by splits.json: model selection
     rounds: int = 3
     local_iterations: int = 25
     unlabeled_batch_size: int = 1
-    evaluate_every: int = 1
+    evaluate_every: int = 3  # test cases after the last round; validation (selection) every round
     net_size: str = "T"
     net_width: int = 4
     patch_size: str = "32,64,64"
@@ -72,25 +75,28 @@ class DemoConfig:
 def make_phantoms(config: DemoConfig) -> None:
     from simulations.phantoms import PhantomConfig, generate_liqa_tree
 
-    marker = config.data_dir / ".complete"
-    if marker.is_file():
+    # The marker names what was generated: other settings (e.g. a tree without splits) regenerate.
+    settings = {key: str(getattr(config, key)) for key in (
+        "centers", "heldout", "cases", "heldout_cases", "labeled", "test_cases", "validation_cases", "seed")}
+    marker, expected = config.data_dir / ".complete", json.dumps(settings, sort_keys=True) + "\n"
+    if marker.is_file() and marker.read_text() == expected:
         print(f"phantoms: reusing {config.data_dir}")
         return
     shutil.rmtree(config.data_dir, ignore_errors=True)
     started = time.perf_counter()
     training = tuple(c for c in config.centers if c not in config.heldout)
-    # Held-out centres get fewer cases: every one of their phases is evaluated every round.
+    # Held-out centres get their own number of cases: every phase of each is evaluated every round.
     for centers, cases in ((training, config.cases), (config.heldout, config.heldout_cases)):
         summary = generate_liqa_tree(
             config.data_dir,
             PhantomConfig(
                 centers=centers, cases=cases, labeled=config.labeled, seed=config.seed, profile="demo",
-                heldout=config.heldout,
+                heldout=config.heldout, test_cases=config.test_cases, validation_cases=config.validation_cases,
             ),
         )
         print(summary)
     print(f"phantoms: {config.data_dir} in {time.perf_counter() - started:.1f}s")
-    marker.write_text("ok\n")
+    marker.write_text(expected)
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -105,8 +111,9 @@ def run_demo(config: DemoConfig) -> dict:
         SimulationSpec(run_dir=config.run_dir, run_config=config.run_config(), num_supernodes=len(config.centers))
     )
     report = json.loads((config.run_dir / "report.json").read_text())
-    print(f"\ncross-centre evaluation after round {report['final']['round']} (Dice / HD95 in mm):")
-    print(format_table(report["final"]["centers"], report["heldout_centers"]))
+    final = report["final"]
+    print(f"\nevaluation on test cases after round {final['round']}:")
+    print(format_table(final["centers"], report["heldout_centers"], in_distribution=final.get("in_distribution")))
     print(f"\nfederation finished in {time.perf_counter() - started:.0f}s")
     print(f"report {config.run_dir / 'report.json'}; plots {config.run_dir / 'plots'}; model {report['final_model']}")
     return report
@@ -118,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=DemoConfig.cases, help="cases per training centre")
     parser.add_argument("--heldout-cases", type=int, default=DemoConfig.heldout_cases, help="cases per held-out centre")
     parser.add_argument("--labeled", type=int, default=DemoConfig.labeled, help="labeled cases per training centre")
+    parser.add_argument("--test-cases", type=int, default=DemoConfig.test_cases,
+                        help="test cases per training centre (in-distribution test)")
+    parser.add_argument("--validation-cases", type=int, default=DemoConfig.validation_cases,
+                        help="validation cases per training centre (select checkpoints/best)")
     parser.add_argument("--rounds", type=int, default=DemoConfig.rounds)
     parser.add_argument("--local-iterations", type=int, default=DemoConfig.local_iterations)
     parser.add_argument("--mode", choices=("cps", "supervised"), default=DemoConfig.mode)
@@ -128,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = DemoConfig(
         run_dir=args.run_dir.resolve(), cases=args.cases, heldout_cases=args.heldout_cases, labeled=args.labeled,
+        test_cases=args.test_cases, validation_cases=args.validation_cases,
         rounds=args.rounds, local_iterations=args.local_iterations, mode=args.mode, seed=args.seed,
         init_weights=None if str(args.init) == "none" else args.init, resume=args.resume,
     )

@@ -1,11 +1,14 @@
 """Pretrain the demo's STU-Net on the ATLAS-like public set, as the method pretrains on ATLAS.
 
-    python -m simulations.pretrain --out simulations/pretrained/stunet_T4_atlas.safetensors
+    python -m simulations.pretrain      # stunet_T4_atlas.safetensors: the demo's start (500 its, 16 cases)
+    python -m simulations.pretrain --label-transfer --cases 32 --iterations 2000 \
+        --out simulations/pretrained/stunet_T4_atlas_lt.safetensors   # with the label-transfer augmentations
 
 Generates the ATLAS-like set (`fedliver atlas`), runs `fedliver train --pretrain` (supervised,
-liver = labels 1 and 2), and exports the body of branch "a" as safetensors with a provenance
-JSON beside it. The demo starts its CPS pair from this file; real sites use released STU-Net
-checkpoints (`--init`), which load through the same code.
+liver = labels 1 and 2), optionally with the label-transfer augmentations (`client/label_transfer.py`),
+and exports the body of branch "a" as safetensors with a provenance JSON beside it. The demo starts
+its CPS pair from the plain file (the label-transfer one measured worse: README, cross-phase
+ablation); real sites use released STU-Net checkpoints (`--init`), which load through the same code.
 """
 
 from __future__ import annotations
@@ -16,32 +19,44 @@ import tempfile
 from pathlib import Path
 
 from common.hashing import sha256_file
+from common.label_transfer_config import LabelTransferConfig
 from common.model_dir import load_model_dir
 from common.pretrained import HEAD_PREFIX, save_safetensors
 from fedliver.cli import main as fedliver
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "pretrained" / "stunet_T4_atlas.safetensors"
+PRETRAINED = Path(__file__).resolve().parent / "pretrained"
+DEFAULT_OUT = PRETRAINED / "stunet_T4_atlas.safetensors"
+#: Label transfer during pretraining: every augmentation, often (the shape prior is the point).
+PRETRAIN_LABEL_TRANSFER = LabelTransferConfig(location_scale=0.5, non_contrast=0.25, random_conv=0.25, transpose=0.5)
 
 
-def pretrain(out: Path, *, cases: int, iterations: int, base_width: int, seed: int, work: Path) -> dict:
+def pretrain(out: Path, *, cases: int, iterations: int, base_width: int, seed: int, work: Path,
+             label_transfer: LabelTransferConfig = LabelTransferConfig()) -> dict:
     atlas, model = work / "atlas", work / "model"
     if fedliver(["atlas", str(atlas), "--cases", str(cases), "--seed", str(seed)]) != 0:
         raise RuntimeError("fedliver atlas failed")
     train_args = [
         "train", "--data", str(atlas), "--pretrain", "--out", str(model), "--iterations", str(iterations),
         "--size", "T", "--base-width", str(base_width), "--seed", str(seed), "--agreement-volumes", "0",
+        "--log-every", "50",
     ]
+    for name, p in label_transfer.to_dict().items():
+        train_args += [f"--{name.replace('_', '-')}", str(p)]
     if fedliver(train_args) != 0:
         raise RuntimeError("fedliver train --pretrain failed")
     body = {k: v for k, v in load_model_dir(model).branches["a"].items() if not k.startswith(HEAD_PREFIX)}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(body, out)
+    info = json.loads((model / "info.json").read_text()) if (model / "info.json").exists() else {}
+    flag = " --label-transfer" if label_transfer.enabled else ""
     provenance = {
         "what": "STU-Net body (no seg_outputs heads) pretrained on the ATLAS-like phantom set",
         "command": f"python -m simulations.pretrain --cases {cases} --iterations {iterations} "
-        f"--base-width {base_width} --seed {seed}",
+        f"--base-width {base_width} --seed {seed}{flag} --out {out.name}",
         "atlas": {"cases": cases, "seed": seed},
         "size": "T", "base_width": base_width, "iterations": iterations,
+        "label_transfer": label_transfer.to_dict(),
+        "train_seconds": info.get("seconds"),
         "sha256": sha256_file(out),
     }
     out.with_suffix(".json").write_text(json.dumps(provenance, indent=1) + "\n")
@@ -52,14 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--cases", type=int, default=16)
-    parser.add_argument("--iterations", type=int, default=600)
+    parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--base-width", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label-transfer", action="store_true",
+                        help="with the label-transfer augmentations (location-scale 0.5, non-contrast 0.25, "
+                             "random-conv 0.25, transpose 0.5)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fedliver-pretrain-") as work:
         provenance = pretrain(
             args.out, cases=args.cases, iterations=args.iterations, base_width=args.base_width, seed=args.seed,
-            work=Path(work),
+            work=Path(work), label_transfer=PRETRAIN_LABEL_TRANSFER if args.label_transfer else LabelTransferConfig(),
         )
     print(json.dumps(provenance, indent=1))
     return 0

@@ -1,7 +1,8 @@
 """The federation's logic with the real ServerApp code and the real ClientApp, in process.
 
 A crash in round 3 and a resume must finish the planned rounds with continuous numbering; every
-reply a site sends must hold only the model's arrays, numbers, and the site's name and role.
+reply a site sends must hold only the model's arrays, numbers, and the site's name and role; sites
+train on their training split only and are scored on cases held out from it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from client.client_app import MOMENTUM_KEY, app as client_app
 from common.federation_config import FederationConfig
 from common.model_dir import load_model_dir
+from server.report import selection_score
 from server.federation import Federation
 from simulations.phantoms import PhantomConfig, generate_liqa_tree
 from inprocess_grid import InProcessGrid
@@ -31,9 +33,10 @@ class Crash(Exception):
 @pytest.fixture(scope="module")
 def phantom_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantoms")
-    generate_liqa_tree(root, PhantomConfig(centers=("A", "B1", "C"), cases=2, labeled=1, seed=3, profile="demo", heldout=("C",)))
+    generate_liqa_tree(root, PhantomConfig(centers=("A", "B1", "C"), cases=2, labeled=1, seed=3, profile="demo",
+                                           heldout=("C",), test_cases=1, validation_cases=1))
     # a site with a bad file still takes part: the file is reported and skipped
-    bad = next(root.glob("Vendor_A/*/T2.nii.gz"))
+    bad = sorted(root.glob("Vendor_A/*/T2.nii.gz"))[0]
     bad.write_bytes(bad.read_bytes()[:2000])
     return root
 
@@ -44,7 +47,15 @@ def _run_config(data: Path, run_dir: Path, rounds: int) -> dict:
         "local-iterations": 2, "net-size": "T", "net-width": 2, "patch-size": "32,64,64", "batch-size": 1,
         "mode": "cps", "seed": 0, "fp16-transport": True, "evaluate-every": rounds, "evaluate-step": 1.0,
         "agreement-volumes": 1,
+        # One labeled volume per site, so that the count below says "its one labeled training case"
+        # (propagated phases: tests/test_label_propagation.py).
+        "propagate-labels": False,
     }
+
+
+def _site_of(grid: InProcessGrid, reply) -> str:
+    partition = grid.contexts[reply.metadata.src_node_id].node_config["partition-id"]
+    return SITES.split(",")[partition].split(":")[0]
 
 
 def _grid(run_config: dict, **kwargs) -> InProcessGrid:
@@ -73,9 +84,20 @@ def test_crash_and_resume_keeps_round_numbering(phantom_root, tmp_path):
     assert any("resuming after round 2" in line for line in log)
     assert [entry["round"] for entry in report["rounds"]] == [1, 2, 3]
     assert report["final"]["round"] == 3
-    assert set(report["final"]["centers"]) == {"A", "B1", "C"}
+    assert set(report["final"]["centers"]) == {"A", "B1", "C"}  # A and B1: their test split
     assert {"dice", "hd95"} <= set(report["final"]["centers"]["C"]["GED4"])
+    assert report["final"]["centers"]["C"]["GED4"]["cases"] == 2  # every case of the held-out centre
     assert len(report["final"]["centers"]["C"]) >= 3  # C is evaluated on every phase it has
+    assert len(report["final"]["centers"]["A"]) >= 3  # so is the test case of a training site
+    assert report["final"]["in_distribution"]["GED4"]["cases"] == 2  # A's and B1's test cases pooled
+    assert {site: s["GED4"]["cases"] for site, s in report["final"]["validation"].items()} == {"A": 1, "B1": 1}
+    # best = the round whose pooled validation GED4 Dice is highest (first on ties), nothing else
+    validation = {e["round"]: selection_score(e).dice.mean for e in report["rounds"]}
+    assert report["best"]["round"] == max(validation, key=lambda r: (validation[r], -r))
+    assert report["best"]["score"] == pytest.approx(validation[report["best"]["round"]])
+    assert report["best"]["selected_on"].endswith("training sites, n=2")
+    # each site trained on its one labeled training case, never on its labeled validation or test case
+    assert all(m["num-labeled"] == 1.0 for entry in report["rounds"] for m in entry["train"].values())
     bundle = load_model_dir(Path(report["final_model"]))
     assert bundle.info["round"] == 3
     # the resumed run sent no fingerprint query: plans came from the run folder
@@ -101,6 +123,9 @@ def test_replies_hold_only_model_arrays_and_numbers(phantom_root, tmp_path):
         for name, record in reply.content.items():
             if isinstance(record, MetricRecord):
                 assert all(isinstance(v, (int, float)) for v in record.values())
+                if kind == "evaluate":  # aggregates per phase: test, and validation at training sites only
+                    assert "cases-GED4" in record and "dice-sumsq-GED4" in record
+                    assert ("val-cases-GED4" in record) == (_site_of(grid, reply) != "C")
             elif isinstance(record, ArrayRecord):
                 arrays = {k: a.numpy() for k, a in record.items()}
                 if kind == "train":

@@ -210,3 +210,40 @@ def test_cli_and_preview(tree: Path, tmp_path: Path, capsys):
     assert "not among" in capsys.readouterr().err
     png = write_preview(tree, tmp_path / "preview.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_test_and_validation_cases_after_the_training_cases(tree: Path, tmp_path: Path, capsys):
+    from fedliver.cli import main
+
+    out = tmp_path / "split"
+    assert main(["phantoms", str(out), "--centers", "A,C", "--cases", str(CONFIG.cases), "--labeled",
+                 str(CONFIG.labeled), "--seed", str(CONFIG.seed), "--test-cases", "2", "--validation-cases", "1"]) == 0
+    assert "Vendor_A [train]: 2 cases, 1 labeled + 2 test, 1 validation (splits.json)" in capsys.readouterr().out
+    cases = _cases(out, "A")
+    assert len(cases) == CONFIG.cases + 3
+    # the training cases are those of the same --cases without the new flags, byte for byte
+    for case in cases[: CONFIG.cases]:
+        old = tree / "Vendor_A" / case.name
+        assert sorted(p.name for p in case.iterdir()) == sorted(p.name for p in old.iterdir())
+        assert all(f.read_bytes() == (old / f.name).read_bytes() for f in case.iterdir()), case
+    test, validation = cases[CONFIG.cases : CONFIG.cases + 2], cases[CONFIG.cases + 2 :]
+    splits = json.loads((out / "Vendor_A" / "splits.json").read_text())
+    assert splits == {"validation": [c.name for c in validation], "test": [c.name for c in test]}
+    for number, case in enumerate(cases[CONFIG.cases :], start=CONFIG.cases + 1):
+        assert case.name.startswith(f"{number:04d}-A-S")
+        files = {p.name.removesuffix(".nii.gz") for p in case.iterdir()}
+        images = {f for f in files if not f.startswith("mask_")}
+        masks = {f.removeprefix("mask_") for f in files if f.startswith("mask_")}
+        assert images == set(present_phases(CONFIG.seed, "A", number - 1, True, CONFIG.missing_rate))
+        assert LABELED_PHASE in images
+        assert masks == (images if case in test else {LABELED_PHASE}), case  # test: every phase present
+    # a held-out centre gets no extra cases and no splits.json: every one of its cases is a test case
+    assert [c.name for c in _cases(out, "C")] == [c.name for c in _cases(tree, "C")]
+    assert not (out / "Vendor_C" / "splits.json").exists()
+
+    from common.discovery import index_dataset
+
+    index = index_dataset(out)
+    assert not index.problems, [str(p) for p in index.problems]
+    assert [c.split for c in index.cases if c.center == "A"] == ["train"] * CONFIG.cases + ["test"] * 2 + ["validation"]
+    assert main(["phantoms", str(tmp_path / "bad"), "--test-cases", "-1"]) == 2

@@ -240,7 +240,10 @@ def test_fedliver_train_writes_model_dir(tmp_path, capsys):
     assert bundle.plans["configurations"]["3d_fullres"]["patch_size"] == [16, 32, 32]
     info = bundle.info
     assert info["mode"] == "cps" and info["centers"] == ["A"] and info["iterations"] == 2
-    assert info["num_labeled"] == 2 and info["num_unlabeled"] == 4  # 3 T2 + the unlabeled GED4
+    # labeled: 2 GED4 + their cases' T2 under the propagated GED4 mask (the default);
+    # unlabeled: the unlabeled case's T2 and GED4
+    assert info["propagate_labels"] and info["num_labeled"] == 4 and info["num_unlabeled"] == 2
+    assert "initial weights: " in printed and info["init"].endswith("stunet_T4_atlas.safetensors")
     assert info["stats"]["seconds_per_iteration"] > 0 and set(info["branch_agreement"]) == {"GED4", "T2"}
     assert (tmp_path / "runs" / "cache").is_dir()  # default cache: <out>/../cache
 

@@ -1,7 +1,9 @@
 """`fedliver check DATA_DIR [--centers A,B1]`: index a site's data, validate every file, report.
 
-Prints the case index summary and every problem as one line `path: message`; exits 1 when there
-was any problem (or DATA_DIR is no dataset), 0 when every file is usable.
+Prints the case index summary (per center: cases, stages, images and masks per phase, and the
+train / validation / test split sizes its splits.json gives) and every problem as one line
+`path: message`; exits 1 when there was any problem (or DATA_DIR is no dataset), 0 when every file
+is usable.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ fingerprint per center, merged, nnU-Net planning (STU-Net size and patch overrid
 into a cache, local CPS training, and a MODEL_DIR usable by `fedliver predict`.
 
 Labeled samples are the phases with a mask (GED4 in LiQA); unlabeled ones are the unlabeled GED4
-volumes plus --unlabeled-phases, each phase volume its own sample. --pretrain trains supervised on
+volumes plus --unlabeled-phases, each phase volume its own sample, from training cases only (what
+a center's splits.json lists as validation or test is never used). --pretrain trains supervised on
 every labeled volume of an nnU-Net raw set (e.g. `fedliver atlas`, labels 1 and 2 = liver); its
 MODEL_DIR can then be passed to --init. A bad file prints one line `path: problem` and is skipped.
 """
@@ -19,7 +20,26 @@ import sys
 import time
 from pathlib import Path
 
+from common.label_transfer_config import DEFAULT_LABEL_TRANSFER, LabelTransferConfig
 from common.postprocessing import METHODS, Postprocessing
+
+#: The cross term's confidence threshold and cross-phase label propagation unless told otherwise
+#: (README: the measured best).
+DEFAULT_CPS_CONFIDENCE = 0.0
+DEFAULT_PROPAGATE_LABELS = True
+#: First-stage width of the CPU net (size T), as the demo and pyproject's `net-width`.
+CPU_WIDTH = 4
+
+
+def initial_weights(args: argparse.Namespace) -> Path | None:
+    """--init, or the shipped pretraining when training the CPU net without one (never for --pretrain)."""
+    if args.init is not None:
+        return None if str(args.init) == "none" else args.init.resolve()
+    if args.pretrain or args.size != "T" or args.base_width != CPU_WIDTH:
+        return None
+    from simulations.pretrain import DEFAULT_OUT
+
+    return DEFAULT_OUT if DEFAULT_OUT.is_file() else None
 
 
 def _ints(text: str) -> tuple[int, int, int]:
@@ -34,6 +54,22 @@ def _ints(text: str) -> tuple[int, int, int]:
 
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_label_transfer_arguments(parser: argparse.ArgumentParser) -> None:
+    """--location-scale/--non-contrast/--random-conv/--transpose: probability per labeled sample."""
+    group = parser.add_argument_group("label transfer (probability per labeled sample; 0: off)")
+    for name, meaning in (("location-scale", "per-class random intensity curves (SLAug)"),
+                          ("non-contrast", "liver darkened inside its mask (simulated non-contrast)"),
+                          ("random-conv", "random shallow convolutions mixed with the image (GIN)"),
+                          ("transpose", "in-plane axes swapped (also on unlabeled samples)")):
+        default = getattr(DEFAULT_LABEL_TRANSFER, name.replace("-", "_"))
+        group.add_argument(f"--{name}", type=float, default=default, metavar="P", help=f"{meaning} (default {default})")
+
+
+def label_transfer_from_args(args: argparse.Namespace) -> LabelTransferConfig:
+    return LabelTransferConfig(location_scale=args.location_scale, non_contrast=args.non_contrast,
+                               random_conv=args.random_conv, transpose=args.transpose)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,20 +89,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pretrain", action="store_true",
                         help="supervised pretraining on every labeled volume (ATLAS-like nnU-Net raw set)")
     parser.add_argument("--init", type=Path, default=None, metavar="PRETRAINED",
-                        help="initial body weights for both nets: a MODEL_DIR (branch a) or .pth/.model/.safetensors")
+                        help="initial body weights for both nets: a MODEL_DIR (branch a) or .pth/.model/.safetensors "
+                             "(default: the shipped ATLAS-like pretraining for the CPU net, --size T --base-width 4, "
+                             "as the demo; else random; 'none': random)")
     parser.add_argument("--iterations", type=int, default=200, help="training iterations (default 200)")
     parser.add_argument("--size", default="T", choices=("T", "S", "B", "L", "H"), help="STU-Net size (default T)")
-    parser.add_argument("--base-width", type=int, default=None, help="override the size's first-stage width")
+    parser.add_argument("--base-width", type=int, default=None,
+                        help=f"override the size's first-stage width (default: {CPU_WIDTH} for T, the CPU net; "
+                             "the published width for S/B/L/H)")
     parser.add_argument("--patch", type=_ints, default=(32, 64, 64), metavar="Z,Y,X",
                         help="patch size (default 32,64,64; rounded to the network's strides)")
     parser.add_argument("--batch", type=int, default=2, help="labeled samples per iteration (default 2)")
-    parser.add_argument("--unlabeled-batch", type=int, default=None,
-                        help="unlabeled samples per CPS iteration (default: --batch)")
+    parser.add_argument("--unlabeled-batch", type=int, default=1,
+                        help="unlabeled samples per CPS iteration (default 1, as the demo)")
     parser.add_argument("--lr", type=float, default=0.01, help="initial learning rate of the poly schedule (default 0.01)")
     parser.add_argument("--lambda-max", type=float, default=1.0, help="CPS weight after ramp-up (default 1.0)")
     parser.add_argument("--rampup", type=int, default=None,
                         help="CPS ramp-up iterations (default: 40%% of --iterations)")
     parser.add_argument("--cps-loss", choices=("ce", "dice_ce"), default="ce", help="cross term (default ce)")
+    parser.add_argument("--cps-confidence", type=float, default=DEFAULT_CPS_CONFIDENCE,
+                        help="cross term only on voxels where the teacher's softmax exceeds this "
+                             f"(0: all; default {DEFAULT_CPS_CONFIDENCE})")
+    parser.add_argument("--cps-gate", type=float, default=0.0,
+                        help="cross term off until the validation GED4 Dice (splits.json validation cases) "
+                             "reaches this; checked every 25 iterations (0: no gate, the default)")
+    parser.add_argument("--propagate-labels", action=argparse.BooleanOptionalAction, default=DEFAULT_PROPAGATE_LABELS,
+                        help="also train on the labeled cases' other phases under their GED4 mask carried over "
+                             f"through scanner coordinates (default {DEFAULT_PROPAGATE_LABELS})")
+    parser.add_argument("--no-balance-phases", dest="balance_phases", action="store_false",
+                        help="draw unlabeled volumes uniformly instead of phase first")
+    add_label_transfer_arguments(parser)
     parser.add_argument("--unlabeled-phases", type=_names, default=["T1", "T2", "DWI_800"], metavar="T1,T2,...",
                         help="phases used as unlabeled samples besides unlabeled GED4 (default T1,T2,DWI_800; "
                              "add GED1,GED2,GED3 for the dynamic phases)")
@@ -87,6 +139,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.base_width is None and args.size == "T":
+        args.base_width = CPU_WIDTH
+    args.init = initial_weights(args)
+    print(f"initial weights: {args.init or 'random'}")
     if args.iterations < 1 or args.batch < 1 or (args.unlabeled_batch is not None and args.unlabeled_batch < 1):
         print("--iterations, --batch and --unlabeled-batch must be >= 1", file=sys.stderr)
         return 2
@@ -137,6 +193,11 @@ def run(args: argparse.Namespace) -> int:
     if not sites:
         print(f"{args.data}: nothing to train on", file=sys.stderr)
         return 1
+    # SiteData trains on the "train" split only: splits.json's validation and test cases stay unseen.
+    held_out = {split: sum(len(site.cases_in(split)) for site in sites) for split in ("validation", "test")}
+    if any(held_out.values()):
+        print(f"splits.json holds out {held_out['validation']} validation and {held_out['test']} test cases "
+              f"(not trained on)")
 
     # Fingerprints per center, merged exactly, then planned: what the federation's first round does.
     problems: list = []
@@ -158,10 +219,20 @@ def run(args: argparse.Namespace) -> int:
 
     labeled, unlabeled = [], []
     for site in sites:
-        volumes = site.training_volumes(plans, include_unlabeled=mode == "cps")
+        volumes = site.training_volumes(plans, include_unlabeled=mode == "cps",
+                                        propagate_labels=args.propagate_labels and not args.pretrain)
         labeled += volumes.labeled
         unlabeled += volumes.unlabeled
         problems += volumes.problems
+    validation = []
+    if mode == "cps" and args.cps_gate > 0:
+        for site in sites:
+            volumes = site.validation_volumes(plans)
+            validation += volumes.labeled
+            problems += volumes.problems
+        if not validation:
+            print(f"--cps-gate {args.cps_gate}: no validation case (splits.json) to check it on; "
+                  "the cross term runs from the start", file=sys.stderr)
     for problem in problems:
         print(problem, file=sys.stderr)
     if not labeled:
@@ -177,10 +248,12 @@ def run(args: argparse.Namespace) -> int:
     config = TrainerConfig(mode=mode, batch_size=args.batch, unlabeled_batch_size=args.unlabeled_batch,
                            patch_size=tuple(conf["patch_size"]),
                            learning_rate=args.lr, lambda_max=args.lambda_max, rampup_iterations=rampup,
-                           cps_loss=args.cps_loss, seed=args.seed, log_every=args.log_every,
+                           cps_loss=args.cps_loss, cps_confidence=args.cps_confidence, cps_gate=args.cps_gate,
+                           balance_phases=args.balance_phases, label_transfer=label_transfer_from_args(args),
+                           seed=args.seed, log_every=args.log_every,
                            pretrained=str(args.init.resolve()) if args.init else None, device=args.device)
     try:
-        trainer = CPSTrainer(plans, labeled, unlabeled, config, log=print)
+        trainer = CPSTrainer(plans, labeled, unlabeled, config, validation=validation, log=print)
     except (ValueError, FileNotFoundError) as e:
         print(e, file=sys.stderr)
         return 1
@@ -204,6 +277,11 @@ def run(args: argparse.Namespace) -> int:
         "lambda_max": args.lambda_max,
         "rampup_iterations": rampup,
         "cps_loss": args.cps_loss,
+        "cps_confidence": args.cps_confidence,
+        "cps_gate": args.cps_gate,
+        "balance_phases": args.balance_phases,
+        "propagate_labels": args.propagate_labels and not args.pretrain,
+        "label_transfer": config.label_transfer.to_dict(),
         "unlabeled_phases": list(unlabeled_phases),
         "seed": args.seed,
         "postprocessing": Postprocessing.parse(args.postprocessing, args.postprocessing_phases).to_info(),

@@ -5,6 +5,11 @@ Layout written (what `common.discovery` and the LiQA challenge expect):
 their first `labeled` cases only; held-out (evaluation) centers write `mask_<PHASE>.nii.gz` for every
 phase present. Every random draw comes from a generator keyed by (seed, center, case, purpose), so a
 case does not change when other centers, cases or phases are added.
+
+Evaluation splits: a training center may also get `test_cases` test cases (a mask for every phase
+present, like a held-out center's) and then `validation_cases` labeled validation cases
+(`mask_GED4.nii.gz`), numbered after its `cases` training cases and listed in
+`Vendor_<X>/splits.json` (`common.splits`): the training cases stay those of the same `cases`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from common.phases import LABELED_PHASE, PHASES, image_filename, mask_filename
+from common.splits import TEST, TRAIN, VALIDATION, write_splits
 from simulations.phantoms.acquisition import EPIDistortion, Motion, PhaseImage, make_grid, render_phase, write_nifti_gz
 from simulations.phantoms.anatomy import Anatomy, sample_anatomy
 from simulations.phantoms.centers import PROFILES, CenterProfile, GeometryProfile, center_profile
@@ -28,8 +34,10 @@ DEFAULT_CENTERS: tuple[str, ...] = ("A", "B1", "B2", "C")
 @dataclass(frozen=True)
 class PhantomConfig:
     centers: Sequence[str] = DEFAULT_CENTERS
-    cases: int = 12               # cases per center
+    cases: int = 12               # cases per center (training cases at a training center)
     labeled: int = 3              # labeled (mask_GED4) cases per training center
+    test_cases: int = 0           # extra test cases per training center (a mask for every phase)
+    validation_cases: int = 0     # extra labeled (mask_GED4) validation cases per training center
     seed: int = 0
     profile: str = "demo"         # "demo" | "full"
     heldout: Sequence[str] = ("C",)
@@ -39,19 +47,21 @@ class PhantomConfig:
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r} (choose from {', '.join(PROFILES)})")
-        if self.cases < 1 or self.labeled < 0:
-            raise ValueError("cases must be >= 1 and labeled >= 0")
+        if self.cases < 1 or self.labeled < 0 or self.test_cases < 0 or self.validation_cases < 0:
+            raise ValueError("cases must be >= 1 and labeled, test_cases, validation_cases >= 0")
 
 
 @dataclass
 class CenterSummary:
     center: str
     role: str                                   # "train" | "heldout"
-    cases: int
-    labeled: int                                # cases with at least one mask
+    cases: int                                  # training cases at a training center; all at a held-out one
+    labeled: int                                # of those, cases with at least one mask
     phases: dict[str, int]                      # phase -> cases holding it
     masks: int                                  # mask files written
     grids: dict[str, tuple[tuple[float, ...], tuple[int, ...]]]  # phase -> (spacing xyz, size xyz)
+    test: int = 0                               # test cases held out by splits.json
+    validation: int = 0                         # validation cases held out by splits.json
 
 
 @dataclass
@@ -65,7 +75,8 @@ class PhantomSummary:
     def format(self) -> str:
         lines = [f"phantoms in {self.root} (profile {self.profile}, seed {self.seed})"]
         for c in self.centers:
-            lines.append(f"  Vendor_{c.center} [{c.role}]: {c.cases} cases, {c.labeled} labeled, {c.masks} masks")
+            held_out = f" + {c.test} test, {c.validation} validation (splits.json)" if c.test or c.validation else ""
+            lines.append(f"  Vendor_{c.center} [{c.role}]: {c.cases} cases, {c.labeled} labeled{held_out}, {c.masks} masks")
             lines.append("    phases: " + ", ".join(f"{p} {n}" for p, n in c.phases.items()))
             for phase in ("GED4", "T2", "DWI_800"):
                 if phase in c.grids:
@@ -138,28 +149,42 @@ def generate_liqa_tree(out: Path, config: PhantomConfig) -> PhantomSummary:
         vendor_dir.mkdir(parents=True, exist_ok=True)
         cs = CenterSummary(center, "heldout" if heldout else "train", config.cases, 0,
                            {p: 0 for p in PHASES}, 0, {})
-        plans = []
-        for case in range(config.cases):
-            labeled = heldout or case < config.labeled
-            plans.append((case, labeled, present_phases(config.seed, center, case, labeled, config.missing_rate)))
-        preview_case = next((c for c, _, ph in plans if len(ph) == len(PHASES)), 0)
-        for case, labeled, phases in plans:
+        # (case number, split, labeled): test and validation cases come after the training cases,
+        # so that these keep their numbers (and with them their random draws)
+        roster = [(case, TRAIN, heldout or case < config.labeled) for case in range(config.cases)]
+        if not heldout:
+            test_end = config.cases + config.test_cases
+            roster += [(case, TEST, True) for case in range(config.cases, test_end)]
+            roster += [(case, VALIDATION, True) for case in range(test_end, test_end + config.validation_cases)]
+        plans = [(case, split, labeled, present_phases(config.seed, center, case, labeled, config.missing_rate))
+                 for case, split, labeled in roster]
+        preview_case = next((c for c, _, _, ph in plans[:config.cases] if len(ph) == len(PHASES)), 0)
+        held_out: dict[str, list[str]] = {TEST: [], VALIDATION: []}
+        for case, split, labeled, phases in plans:
             # the preview shows every phase of one case; only present phases are written
             render = list(PHASES) if (config.preview and case == preview_case) else phases
             pc = render_case(center, case, config.seed, geometry, render)
             case_dir = vendor_dir / pc.case_id
             case_dir.mkdir(exist_ok=True)
+            every_phase_masked = heldout or split == TEST  # test cases are scored on every phase
             for phase in phases:
                 img = pc.phases[phase]
                 write_nifti_gz(img.image, case_dir / image_filename(phase))
-                cs.phases[phase] += 1
+                if split == TRAIN:
+                    cs.phases[phase] += 1
                 cs.grids.setdefault(phase, (tuple(round(s, 3) for s in img.image.GetSpacing()), img.image.GetSize()))
-                if heldout or (labeled and phase == LABELED_PHASE):
+                if every_phase_masked or (labeled and phase == LABELED_PHASE):
                     write_nifti_gz(img.mask, case_dir / mask_filename(phase))
                     cs.masks += 1
-            cs.labeled += int(heldout or (labeled and LABELED_PHASE in phases))
+            if split == TRAIN:
+                cs.labeled += int(heldout or (labeled and LABELED_PHASE in phases))
+            else:
+                held_out[split].append(pc.case_id)
             if config.preview and case == preview_case:
                 preview_rows.append((center, pc.phases))
+        if held_out[TEST] or held_out[VALIDATION]:
+            write_splits(vendor_dir, validation=held_out[VALIDATION], test=held_out[TEST])
+        cs.test, cs.validation = len(held_out[TEST]), len(held_out[VALIDATION])
         summary.centers.append(cs)
     if config.preview:
         from simulations.phantoms.preview import render_preview

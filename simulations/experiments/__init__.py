@@ -1,0 +1,1 @@
+"""Experiment scripts that write tables: `python -m simulations.experiments <name> --out DIR`."""

@@ -1,0 +1,325 @@
+"""The cross-phase ablation: which label-transfer technique makes GED4 labels segment every phase.
+
+    python -m simulations.experiments cross-phase --out runs/cross-phase
+
+One phantom set (training centres with a test and a validation split, held-out centre C), one
+budget and one seed per comparison. Every arm is a pooled `fedliver train` run on A, B1 and B2
+(each a subprocess with its own log), then `fedliver predict` + `fedliver evaluate` on held-out
+C (every case) and on the training centres' test split (in-distribution): per phase Dice mean, sd
+and n. Arms: technique (none = nnU-Net's augmentation only, each technique alone, the combination)
+x mode (supervised-only, CPS) x initial weights (today's plain pretraining, the label-transfer one);
+then one arm declared in advance (--followup) again with a second seed, and federated (FedAvg, the same site-iterations).
+Writes OUT/results.csv (one row per arm, group and phase), OUT/table.md and OUT/cross_phase.png.
+Finished arms are kept (OUT/arms/<name>/scores.json), so a rerun only runs what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from common.label_transfer_config import LabelTransferConfig
+
+REPO = Path(__file__).resolve().parents[2]
+PRETRAINED = REPO / "simulations" / "pretrained"
+INITS = {"plain": PRETRAINED / "stunet_T4_atlas.safetensors",
+         "label-transfer": PRETRAINED / "stunet_T4_atlas_lt.safetensors"}
+COMBINATION = LabelTransferConfig(location_scale=0.5, non_contrast=0.25, random_conv=0.25, transpose=0.5)
+
+
+@dataclass(frozen=True)
+class Technique:
+    label_transfer: LabelTransferConfig = LabelTransferConfig()
+    propagate_labels: bool = False
+
+    def train_args(self) -> list[str]:
+        args = [a for name, p in self.label_transfer.to_dict_hyphenated().items() for a in (f"--{name}", str(p))]
+        return args + ["--propagate-labels" if self.propagate_labels else "--no-propagate-labels"]
+
+    def run_config(self) -> dict[str, object]:
+        return {**self.label_transfer.to_dict_hyphenated(), "propagate-labels": self.propagate_labels}
+
+
+TECHNIQUES: dict[str, Technique] = {
+    "none": Technique(),
+    "location-scale": Technique(LabelTransferConfig(location_scale=0.5)),
+    "non-contrast": Technique(LabelTransferConfig(non_contrast=0.5)),
+    "random-conv": Technique(LabelTransferConfig(random_conv=0.5)),
+    "transpose": Technique(LabelTransferConfig(transpose=0.5)),
+    "combination": Technique(COMBINATION),
+    "propagation": Technique(propagate_labels=True),
+    "combination+propagation": Technique(COMBINATION, propagate_labels=True),
+}
+#: CPS variants: (cross-term confidence threshold)
+MODES = {"supervised": 0.0, "cps": 0.0, "cps-confident": 0.9}
+NON_CONTRAST = ("T1", "T2", "DWI_800")
+REPORTED = ("GED4",) + NON_CONTRAST  # the phases scored: the labeled one and the targets
+GROUPS = ("C", "in-distribution")
+
+
+@dataclass(frozen=True)
+class Arm:
+    technique: str
+    mode: str
+    init: str
+    seed: int = 0
+    federated: bool = False
+
+    @property
+    def name(self) -> str:
+        kind = "fed" if self.federated else "pooled"
+        return f"{kind}_{self.technique}_{self.mode}_{self.init}_s{self.seed}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    iterations: int = 300           # pooled iterations (labeled batch 2, unlabeled batch 1)
+    rounds: int = 4                 # federated: rounds x local iterations x 3 sites = iterations
+    threads: int = 2
+
+    @property
+    def local_iterations(self) -> int:
+        return max(1, self.iterations // (3 * self.rounds))
+
+
+# --------------------------------------------------------------------------------------------- data
+def make_phantoms(out: Path, cases: int, labeled: int, test_cases: int, validation_cases: int, seed: int) -> Path:
+    data = out / "data"
+    marker = data / ".complete"
+    settings = json.dumps([cases, labeled, test_cases, validation_cases, seed])
+    if marker.is_file() and marker.read_text() == settings:
+        return data
+    _fedliver(["phantoms", str(data), "--centers", "A,B1,B2,C", "--heldout", "C", "--cases", str(cases),
+               "--labeled", str(labeled), "--test-cases", str(test_cases), "--validation-cases", str(validation_cases),
+               "--seed", str(seed)], out / "phantoms.log")
+    marker.write_text(settings)
+    return data
+
+
+def in_distribution_test_set(data: Path, out: Path) -> Path:
+    """A LiQA tree of links to the training centres' test cases (what predict and evaluate read)."""
+    from common.discovery import index_dataset
+
+    folder = out / "in-distribution-test"
+    for case in index_dataset(data, centers=["A", "B1", "B2"], validate=False).cases:
+        case_dir = next(iter(case.images.values())).parent.resolve()
+        link = folder / case_dir.parent.name / case_dir.name
+        if case.split == "test" and not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(case_dir, target_is_directory=True)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------- runs
+def _fedliver(args: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        done = subprocess.run([sys.executable, "-m", "fedliver.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                              cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"fedliver {args[0]} failed (exit {done.returncode}); see {log}")
+
+
+def train_pooled(arm: Arm, data: Path, model: Path, budget: Budget, log: Path) -> None:
+    mode = "supervised" if arm.mode == "supervised" else "cps"
+    technique = TECHNIQUES[arm.technique]
+    # Propagated phases are labeled cache entries, otherwise unlabeled ones: one cache for each.
+    cache = model.parents[2] / ("cache-propagated" if technique.propagate_labels else "cache")
+    _fedliver(["train", "--data", str(data), "--centers", "A,B1,B2", "--out", str(model),
+               "--iterations", str(budget.iterations), "--mode", mode, "--cps-confidence", str(MODES[arm.mode]),
+               "--init", str(INITS[arm.init]), "--base-width", "4", "--unlabeled-batch", "1",
+               "--seed", str(arm.seed), "--threads", str(budget.threads), "--agreement-volumes", "0",
+               "--log-every", "50", "--cache", str(cache), *technique.train_args()],
+              log)
+
+
+def train_federated(arm: Arm, data: Path, run_dir: Path, budget: Budget, log: Path) -> Path:
+    from simulations.runner import SimulationSpec, run_simulation
+
+    config = {
+        "data-root": str(data.resolve()), "run-dir": str(run_dir.resolve()), "sites": "A:train,B1:train,B2:train,C:eval",
+        "num-server-rounds": budget.rounds, "local-iterations": budget.local_iterations, "evaluate-every": budget.rounds,
+        "net-width": 4, "unlabeled-batch-size": 1, "mode": "supervised" if arm.mode == "supervised" else "cps",
+        "cps-confidence": MODES[arm.mode], "init-weights": str(INITS[arm.init]), "seed": arm.seed,
+        **TECHNIQUES[arm.technique].run_config(),
+    }
+    with log.open("a") as f:
+        stdout = sys.stdout
+        sys.stdout = f
+        try:
+            run_simulation(SimulationSpec(run_dir=run_dir, run_config=config, num_supernodes=4))
+        finally:
+            sys.stdout = stdout
+    return Path(json.loads((run_dir / "report.json").read_text())["final_model"])
+
+
+def score(model: Path, sets: dict[str, Path], work: Path, log: Path, threads: int) -> dict[str, dict[str, list[float]]]:
+    """{group: {phase: [Dice per case]}} of `model` on each test set."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for group, folder in sets.items():
+        pred = work / f"pred-{group}"
+        _fedliver(["predict", "-i", str(folder), "-o", str(pred), "-m", str(model), "--phases", ",".join(REPORTED),
+                   "--threads", str(threads)], log)
+        _fedliver(["evaluate", "--pred", str(pred), "--truth", str(folder)], log)
+        cases = json.loads((pred / "evaluation.json").read_text())["cases"]
+        out[group] = {phase: [cases[c][phase]["dice"] for c in sorted(cases) if phase in cases[c]]
+                      for phase in REPORTED if any(phase in cases[c] for c in cases)}
+    return out
+
+
+def run_arm(arm: Arm, data: Path, sets: dict[str, Path], out: Path, budget: Budget) -> dict:
+    folder = out / "arms" / arm.name
+    result_file = folder / "scores.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "log.txt"
+    started = time.perf_counter()
+    if arm.federated:
+        model = train_federated(arm, data, folder / "federation", budget, log)
+    else:
+        model = folder / "model"
+        train_pooled(arm, data, model, budget, log)
+    seconds = time.perf_counter() - started
+    result = {"arm": arm.__dict__, "name": arm.name, "train_seconds": round(seconds, 1),
+              "scores": score(model, sets, folder, log, budget.threads)}
+    result_file.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+# --------------------------------------------------------------------------------------------- tables
+def collected(out: Path) -> list[dict]:
+    """Every finished arm under OUT/arms (earlier invocations' too: the table grows run by run),
+    in a stable order: pooled before federated, then init, mode, technique, seed."""
+    results = [json.loads(f.read_text()) for f in (out / "arms").glob("*/scores.json")]
+    order = {name: i for i, name in enumerate([*INITS, *MODES, *TECHNIQUES])}
+    return sorted(results, key=lambda r: (r["arm"]["federated"], order[r["arm"]["init"]], order[r["arm"]["mode"]],
+                                          order[r["arm"]["technique"]], r["arm"]["seed"]))
+
+
+def summarise(values: list[float]) -> tuple[float, float, int]:
+    n = len(values)
+    return (statistics.fmean(values) if n else float("nan"), statistics.stdev(values) if n > 1 else 0.0, n)
+
+
+def non_contrast_mean(scores: dict[str, list[float]]) -> float:
+    means = [summarise(scores[p])[0] for p in NON_CONTRAST if scores.get(p)]
+    return statistics.fmean(means) if means else float("nan")
+
+
+def write_results(results: list[dict], out: Path) -> None:
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["arm", "kind", "technique", "mode", "init", "seed", "group", "phase", "dice_mean", "dice_sd", "n",
+                         "train_seconds"])
+        for r in results:
+            a = r["arm"]
+            for group, phases in r["scores"].items():
+                for phase, values in phases.items():
+                    mean, sd, n = summarise(values)
+                    writer.writerow([r["name"], "federated" if a["federated"] else "pooled", a["technique"], a["mode"],
+                                     a["init"], a["seed"], group, phase, f"{mean:.4f}", f"{sd:.4f}", n, r["train_seconds"]])
+    phases = REPORTED
+    lines = []
+    for group in GROUPS:
+        lines += [f"### {'held-out centre C' if group == 'C' else 'in-distribution test (A, B1, B2)'}", "",
+                  "| arm | " + " | ".join(phases) + " | mean T1/T2/DWI | train s |",
+                  "| --- | " + " | ".join("---" for _ in phases) + " | --- | --- |"]
+        for r in results:
+            s = r["scores"].get(group, {})
+            cells = []
+            for p in phases:
+                mean, sd, n = summarise(s.get(p, []))
+                cells.append(f"{mean:.3f} ± {sd:.3f} (n={n})" if n else "")
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {non_contrast_mean(s):.3f} | {r['train_seconds']:.0f} |")
+        lines.append("")
+    (out / "table.md").write_text("\n".join(lines))
+
+
+def plot(results: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    phases = REPORTED
+    fig, axes = plt.subplots(1, len(GROUPS), figsize=(7 * len(GROUPS), 0.32 * len(results) + 2.0), squeeze=False)
+    for ax, group in zip(axes[0], GROUPS):
+        y = np.arange(len(results))
+        for k, phase in enumerate(phases):
+            stats = [summarise(r["scores"].get(group, {}).get(phase, [])) for r in results]
+            ax.barh(y + (k - 1.5) * 0.2, [m for m, _, _ in stats], height=0.2, xerr=[s for _, s, _ in stats],
+                    label=phase, error_kw={"linewidth": 0.6})
+        ax.set_yticks(y, [r["name"] for r in results], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("Dice (mean ± sd over cases)")
+        ax.set_title("held-out C" if group == "C" else "in-distribution test")
+    axes[0][0].legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    path = out / "cross_phase.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- main
+def ablation_arms(techniques: list[str], modes: list[str], inits: list[str]) -> list[Arm]:
+    return [Arm(t, m, i) for i in inits for m in modes for t in techniques]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.experiments cross-phase",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--iterations", type=int, default=Budget.iterations, help="pooled iterations per arm")
+    parser.add_argument("--rounds", type=int, default=Budget.rounds, help="federated rounds (same site-iterations)")
+    parser.add_argument("--threads", type=int, default=Budget.threads,
+                        help="torch threads per pooled run (1: run two invocations side by side on 2 cores)")
+    parser.add_argument("--techniques", default=",".join(TECHNIQUES))
+    parser.add_argument("--modes", default="supervised,cps")
+    parser.add_argument("--inits", default="plain,label-transfer")
+    parser.add_argument("--cases", type=int, default=12, help="cases per centre (held-out C: all test cases)")
+    parser.add_argument("--labeled", type=int, default=4)
+    parser.add_argument("--test-cases", type=int, default=3)
+    parser.add_argument("--validation-cases", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="phantom and training seed")
+    parser.add_argument("--followup", default="combination+propagation,cps,label-transfer", metavar="TECHNIQUE,MODE,INIT",
+                        help="the arm run again with a second seed and federated (default: the method's own)")
+    parser.add_argument("--no-followups", action="store_true", help="skip the second seed and the federated run")
+    args = parser.parse_args(argv)
+    budget = Budget(iterations=args.iterations, rounds=args.rounds, threads=args.threads)
+    names = lambda text, known: [v for v in text.split(",") if v] if all(v in known for v in text.split(",") if v) \
+        else parser.error(f"unknown value in {text!r} (choose from {', '.join(known)})")
+    arms = ablation_arms(names(args.techniques, TECHNIQUES), names(args.modes, MODES), names(args.inits, INITS))
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = make_phantoms(out, args.cases, args.labeled, args.test_cases, args.validation_cases, args.seed)
+    sets = {"C": data / "Vendor_C", "in-distribution": in_distribution_test_set(data, out)}
+
+    todo = [replace(arm, seed=args.seed) for arm in arms]
+    if not args.no_followups:
+        # Declared in advance, not picked from the test scores: test data selects nothing.
+        technique, mode, init = args.followup.split(",")
+        todo += [Arm(technique, mode, init, seed=args.seed, federated=True), Arm(technique, mode, init, seed=args.seed + 1)]
+    for k, arm in enumerate(todo, 1):
+        started = time.perf_counter()
+        result = run_arm(arm, data, sets, out, budget)
+        c = result["scores"].get("C", {})
+        print(f"[{k}/{len(todo)}] {arm.name}: C GED4 {summarise(c.get('GED4', []))[0]:.3f}, "
+              f"T1/T2/DWI mean {non_contrast_mean(c):.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+        write_results(collected(out), out)
+    results = collected(out)
+
+    write_results(results, out)
+    plot(results, out)
+    print(f"wrote {out / 'table.md'}, {out / 'results.csv'}, {out / 'cross_phase.png'}")
+    return 0
