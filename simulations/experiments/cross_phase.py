@@ -251,7 +251,7 @@ def plot(results: list[dict], out: Path) -> Path:
     import numpy as np
 
     phases = REPORTED
-    fig, axes = plt.subplots(1, len(GROUPS), figsize=(7 * len(GROUPS), 0.32 * len(results) + 2.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(GROUPS), figsize=(8.5 * len(GROUPS), 0.32 * len(results) + 2.0), squeeze=False)
     for ax, group in zip(axes[0], GROUPS):
         y = np.arange(len(results))
         for k, phase in enumerate(phases):
