@@ -36,7 +36,7 @@ class DemoConfig:
     test_cases: int = 2  # per training centre, held out by splits.json: in-distribution test
     validation_cases: int = 1  # per training centre, held out by splits.json: model selection
     rounds: int = 3
-    local_iterations: int = 25
+    local_iterations: int = 22
     unlabeled_batch_size: int = 1
     evaluate_every: int = 3  # test cases after the last round; validation (selection) every round
     net_size: str = "T"
