@@ -172,8 +172,7 @@ def _trainer_config(config: ConfigRecord) -> TrainerConfig:
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         cps_confidence=float(config.get("cps-confidence", 0.0)),
         balance_phases=bool(config.get("balance-phases", True)),
-        label_transfer=LabelTransferConfig(**{
-            name.replace("-", "_"): float(config.get(name, 0.0)) for name in LabelTransferConfig.option_names()}),
+        label_transfer=LabelTransferConfig.from_hyphenated(config),
         seed=int(config["seed"]),
     )
 

@@ -125,9 +125,7 @@ class FederationConfig:
             cps_gate=float(get("cps-gate", 0.0)),
             balance_phases=bool(get("balance-phases", True)),
             propagate_labels=bool(get("propagate-labels", True)),
-            label_transfer=LabelTransferConfig(**{
-                name.replace("-", "_"): float(get(name, getattr(DEFAULT_LABEL_TRANSFER, name.replace("-", "_"))))
-                for name in LabelTransferConfig.option_names()}),
+            label_transfer=LabelTransferConfig.from_hyphenated(run_config, DEFAULT_LABEL_TRANSFER),
             weighted_by=weighted_by,
             proximal_mu=float(get("proximal-mu", 0.0)),
             server_momentum=float(get("server-momentum", 0.0)),
