@@ -39,10 +39,10 @@ def propagate_mask(mask: Path, image: Path, out: Path, foreground_labels: tuple[
     if out.is_file() and out.stat().st_mtime >= max(Path(mask).stat().st_mtime, Path(image).stat().st_mtime):
         return out
     source = sitk.ReadImage(str(mask))
-    liver = sitk.Cast(sitk.Image(source.GetSize(), sitk.sitkUInt8), sitk.sitkUInt8)
+    liver = sitk.Image(source.GetSize(), sitk.sitkUInt8)
     liver.CopyInformation(source)
     for label in foreground_labels:
-        liver = liver | sitk.Cast(source == int(label), sitk.sitkUInt8)
+        liver = liver | (source == int(label))
     propagated = sitk.Resample(liver, _grid_of(image), sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial.nii.gz")

@@ -42,15 +42,15 @@ def _uniform(lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand(()))
 
 
-def _to_unit_range(image: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """The image mapped to [0, 1] by its 0.5 and 99.5 percentiles (clipped), with those bounds."""
+def _to_unit_range(image: torch.Tensor) -> torch.Tensor:
+    """The image mapped to [0, 1] by its 0.5 and 99.5 percentiles (clipped)."""
     flat = image.flatten()
     if flat.numel() > 200_000:  # percentiles of a strided subsample: same to ~1e-3, far cheaper
         flat = flat[:: flat.numel() // 100_000]
     lo, hi = (float(v) for v in torch.quantile(flat.float(), torch.tensor([0.005, 0.995])))
     if hi - lo < 1e-6:
-        return torch.zeros_like(image), lo, hi
-    return ((image - lo) / (hi - lo)).clamp_(0.0, 1.0), lo, hi
+        return torch.zeros_like(image)
+    return ((image - lo) / (hi - lo)).clamp_(0.0, 1.0)
 
 
 def _restandardize(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,7 @@ class LocationScaleIntensity(BasicTransform):
         liver = (seg[0] == 1) if seg is not None else torch.zeros(image.shape[1:], dtype=torch.bool)
         out = torch.empty_like(image)
         for c in range(image.shape[0]):
-            unit, _, _ = _to_unit_range(image[c])
+            unit = _to_unit_range(image[c])
             mapped = unit.clone()
             for region, kind in ((~liver, _curve_kind(self.p_invert_rest, self.p_random_rest)),
                                  (liver, _curve_kind(self.p_invert_liver))):
@@ -176,7 +176,7 @@ class SimulatedNonContrast(BasicTransform):
         liver = seg[0] == 1
         out = torch.empty_like(image)
         for c in range(image.shape[0]):
-            unit, _, _ = _to_unit_range(image[c])
+            unit = _to_unit_range(image[c])
             inside = unit[liver]
             drop = _uniform(0.0, min(float(inside.mean() + inside.std()), self.max_drop))
             unit[liver] = (inside - drop).clamp_min(0.0)

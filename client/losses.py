@@ -29,8 +29,9 @@ def deep_supervision_weights(num_outputs: int) -> np.ndarray:
     return weights / weights.sum()
 
 
-def supervised_loss(num_outputs: int = 5, batch_dice: bool = False) -> nn.Module:
-    """Dice+CE with deep supervision, as `nnUNetTrainer._build_loss` builds it (no regions, no ignore label).
+def supervised_loss(num_outputs: int = 5, batch_dice: bool = False, ignore_label: int | None = None) -> nn.Module:
+    """Dice+CE with deep supervision, as `nnUNetTrainer._build_loss` builds it (no regions; voxels of
+    `ignore_label`, when given, count for neither term).
 
     Called with (list of logits (b, c, ...), list of targets (b, 1, ...)), highest resolution first.
     """
@@ -39,7 +40,7 @@ def supervised_loss(num_outputs: int = 5, batch_dice: bool = False) -> nn.Module
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
     loss = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                          weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+                          weight_ce=1, weight_dice=1, ignore_label=ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
     return DeepSupervisionWrapper(loss, deep_supervision_weights(num_outputs))
 
 
@@ -67,14 +68,8 @@ class CrossPseudoLoss(nn.Module):
         if kind == "ce":
             from nnunetv2.training.loss.robust_ce_loss import RobustCrossEntropyLoss
             self.loss = RobustCrossEntropyLoss(reduction="none" if self.confidence > 0 else "mean")
-        elif self.confidence > 0:
-            from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-            from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-            self.loss = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                                       weight_ce=1, weight_dice=1, ignore_label=_IGNORE,
-                                       dice_class=MemoryEfficientSoftDiceLoss)
-        else:
-            self.loss = supervised_loss(1, batch_dice).loss  # the unwrapped DC_and_CE_loss
+        else:  # the unwrapped DC_and_CE_loss; unconfident voxels carry the ignore label
+            self.loss = supervised_loss(1, batch_dice, _IGNORE if self.confidence > 0 else None).loss
 
     def _one(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         target = hard_labels(teacher)
