@@ -16,19 +16,24 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from client.evaluation import SiteEvaluation, evaluate_pairs, write_qualitative_png
 from client.site import SiteData, resolve_identity
 from client.trainer import CPSTrainer, TrainerConfig
+from common.device import describe, resolve_device
 from common.label_transfer_config import LabelTransferConfig
 from common.fingerprint import FingerprintConfig, compute_site_fingerprint
 from common.planning import plans_hash
 from common.postprocessing import Postprocessing
+from common.quantization import update_encoding_mod
 from common.scores import VALIDATION_PREFIX
 from common.splits import TEST, VALIDATION
 from common.stunet import build_stunet_from_plans
@@ -51,6 +56,17 @@ def _site(context: Context) -> SiteData:
     return SiteData(resolve_identity(context.node_config, context.run_config))
 
 
+def site_device(site: str, node_config: Mapping[str, object], run_config: Mapping[str, object]) -> torch.device:
+    """The site's torch device: node config `device` (a site matter: `--node-config "device='cuda:1'"`)
+    over run config `device` (default `auto`: a CUDA GPU when the node has one). One-line ValueError
+    naming the site for a device it does not have."""
+    spec = node_config.get("device") or run_config.get("device") or "auto"
+    try:
+        return resolve_device(str(spec))
+    except ValueError as error:
+        raise ValueError(f"site {site}: {error}") from None
+
+
 def _log(site: SiteData, text: str) -> None:
     print(f"[site {site.identity.site}] {text}", flush=True)
 
@@ -68,7 +84,13 @@ def _verified_plans(config: ConfigRecord) -> tuple[dict, str]:
 @app.query("identify")
 def identify(msg: Message, context: Context) -> Message:
     site = _site(context)
-    for problem in site.index.problems:
+    try:
+        problems = site.index.problems
+    except Exception as err:  # noqa: BLE001  (no usable data: say so under the site's name)
+        _log(site, f"cannot take part: {err}")
+        identity = ConfigRecord({"site": site.identity.site, "role": site.identity.role, "error": str(err)[-300:]})
+        return Message(RecordDict({"identity": identity, "counts": MetricRecord({"cases": 0})}), reply_to=msg)
+    for problem in problems:
         _log(site, str(problem))
     counts = MetricRecord(
         {
@@ -95,9 +117,32 @@ def fingerprint(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"fingerprint": arrays}), reply_to=msg)
 
 
-@app.train()
+def central_dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's `fixedclipping_mod` when the server's client-side DP wrapper asks for it (its train
+    config carries `clipping_norm`); otherwise the reply passes unchanged."""
+    if "clipping_norm" in msg.content["config"]:
+        return fixedclipping_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+def simulated_adversary_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Run config `adversarial-sites`, honoured on simulation nodes only (simulations/adversarial.py);
+    a deployed SuperNode names its site in node_config and never gets here."""
+    if "site" in ctxt.node_config or not str(ctxt.run_config.get("adversarial-sites", "")).strip():
+        return call_next(msg, ctxt)
+    from simulations.adversarial import adversarial_mod
+
+    return adversarial_mod(msg, ctxt, call_next)
+
+
+# Outermost first: the wire encoding (fp16 / int8 deltas) sees the final float32 update; a simulated
+# hostile site skips clipping; Flower's clipping sees the update as trained.
+@app.train(mods=[update_encoding_mod, simulated_adversary_mod, central_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     site = _site(context)
+    device = site_device(site.identity.site, context.node_config, context.run_config)  # before any work
+    if device.type == "cuda":
+        _log(site, f"training on {describe(device)}, mixed precision fp16")
     config = msg.content["config"]
     plans, local_hash = _verified_plans(config)
     torch.set_num_threads(max(1, int(config.get("threads", torch.get_num_threads()))))
@@ -117,7 +162,7 @@ def train(msg: Message, context: Context) -> Message:
             branch, _, name = key.partition(".")
             branches[branch][name] = value
 
-    trainer = CPSTrainer(plans, volumes.labeled, volumes.unlabeled, _trainer_config(config))
+    trainer = CPSTrainer(plans, volumes.labeled, volumes.unlabeled, _trainer_config(config, device))
     trainer.cross_term_enabled = bool(config.get("cps-enabled", True))  # the server's validation gate
     reference = to_torch(branches)
     trainer.load_state_dicts(reference)
@@ -153,7 +198,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     content = RecordDict(
         {
-            "arrays": to_arrayrecord(updated, fp16=bool(config.get("fp16", False))),
+            "arrays": to_arrayrecord(updated),  # float32; update_encoding_mod puts it on the wire
             "metrics": MetricRecord(metrics),
             "plans": ConfigRecord({"sha256": local_hash}),
         }
@@ -161,8 +206,9 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _trainer_config(config: ConfigRecord) -> TrainerConfig:
+def _trainer_config(config: ConfigRecord, device: torch.device | str = "cpu") -> TrainerConfig:
     return TrainerConfig(
+        device=str(device),
         mode=str(config["mode"]),
         batch_size=int(config["batch-size"]),
         unlabeled_batch_size=int(config.get("unlabeled-batch-size", config["batch-size"])),
@@ -180,6 +226,7 @@ def _trainer_config(config: ConfigRecord) -> TrainerConfig:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     site = _site(context)
+    device = site_device(site.identity.site, context.node_config, context.run_config)
     config = msg.content["config"]
     plans, _ = _verified_plans(config)
     branches = to_torch(unflatten(from_arrayrecord(msg.content["arrays"])))
@@ -194,7 +241,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     def score(pairs: list) -> SiteEvaluation:
         return evaluate_pairs(nets, plans, pairs, step=float(config.get("evaluate-step", 0.5)),
-                              postprocessing=postprocessing, log=lambda line: _log(site, line))
+                              postprocessing=postprocessing, log=lambda line: _log(site, line), device=device)
 
     # Training cases are never scored: validation (selection only) and test (report only) stay apart.
     held_out = site.identity.role == "eval"

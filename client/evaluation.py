@@ -54,8 +54,15 @@ def evaluate_pairs(
     step: float = 0.5,
     postprocessing: Postprocessing = NO_POSTPROCESSING,
     log: Callable[[str], None] = print,
+    device: torch.device | str | None = None,
 ) -> SiteEvaluation:
-    """Predict every (case, phase) with a mask (then `postprocessing` for that phase) and score it against that mask."""
+    """Predict every (case, phase) with a mask (then `postprocessing` for that phase) and score it against that mask.
+
+    device: where the nets run (moved there first; None: where they are). The sliding window runs
+    on the nets' device and brings the probabilities back to the CPU for resampling and scoring.
+    """
+    if device is not None:
+        nets = [net.to(device) for net in nets]
     per_phase: dict[str, PhaseScores] = defaultdict(PhaseScores)
     problems: list[Problem] = []
     examples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}

@@ -11,10 +11,14 @@ with nnU-Net's optimiser (SGD Nesterov 0.99, weight decay 3e-5, poly lr, gradien
 `t` is the global iteration (`start_iteration` onwards), so the lambda ramp-up and the learning
 rate continue across federated rounds. "supervised" mode drops the unlabeled batch and the cross
 term (ablation); both nets are still trained so callers see the same interface.
+
+On CUDA the forward passes and losses run under fp16 autocast with a GradScaler, as nnU-Net trains
+(`autocast`); on the CPU everything stays float32 unless told otherwise (bf16, for checks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
@@ -30,6 +34,7 @@ from torch import nn
 from client.data_loading import (AugmentationParams, Batch, BatchBuilder, Prefetcher, augmentation_params,
                                  build_training_transforms, deep_supervision_scales)
 from client.losses import CrossPseudoLoss, cps_lambda, poly_lr, proximal_term, supervised_loss
+from common.device import AUTOCAST_CHOICES, autocast_dtype
 from common.label_transfer_config import DEFAULT_LABEL_TRANSFER, LabelTransferConfig
 from common.phases import LABELED_PHASE
 from common.pretrained import load_initial_weights
@@ -68,8 +73,9 @@ class TrainerConfig:
     seed: int = 0                              # net a: seed, net b: seed + 1, data: derived from seed
     prefetch: int = 2                          # batches prepared in a background thread (0: inline)
     log_every: int = 10                        # progress line every N iterations (0: only the last)
-    pretrained: str | None = None              # body weights for both nets: checkpoint file or MODEL_DIR
-    device: str = "cpu"
+    pretrained: str | None = None              # initial weights: checkpoint file (a pair: one net a branch) or MODEL_DIR
+    device: str = "cpu"                        # a torch device; callers resolve `auto` (common.device)
+    autocast: str = "auto"                     # "auto": fp16 + GradScaler on CUDA, float32 on CPU; "off" | "fp16" | "bf16"
     channels_last_convs: bool | None = None    # faster 3x3x3 convs on CPU (None: on when device is CPU)
 
     def __post_init__(self) -> None:
@@ -77,6 +83,8 @@ class TrainerConfig:
             self.rampup_iterations = int(self.rampup)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.autocast not in AUTOCAST_CHOICES:
+            raise ValueError(f"autocast must be one of {AUTOCAST_CHOICES}, got {self.autocast!r}")
         if self.cps_loss not in ("ce", "dice_ce"):
             raise ValueError(f"cps_loss must be 'ce' or 'dice_ce', got {self.cps_loss!r}")
         if self.batch_size < 1:
@@ -107,6 +115,7 @@ class TrainStats:
     lambda_last: float
     lr_last: float
     history: list[float] = field(default_factory=list, repr=False)   # total loss per iteration
+    peak_gpu_memory_mib: float = 0.0           # torch.cuda.max_memory_allocated during the call (0 on CPU)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -169,13 +178,20 @@ class CPSTrainer:
         self.nets: dict[str, nn.Module] = {b: _build_net(plans, config.seed + i).to(self.device)
                                           for i, b in enumerate(BRANCHES)}
         if config.pretrained:
-            for net in self.nets.values():
-                summary = load_initial_weights(net, config.pretrained)
+            for branch, net in self.nets.items():
+                summary = load_initial_weights(net, config.pretrained, branch)
             self.log(f"initial weights: {summary}")
         channels_last = config.channels_last_convs
         if channels_last or (channels_last is None and self.device.type == "cpu"):
             for net in self.nets.values():
                 use_channels_last_convs(net)
+        # Mixed precision as nnU-Net trains: forward and loss under autocast, and on float16 a
+        # GradScaler (one for both nets: one loss, two optimisers, as PyTorch's AMP recipe does it).
+        self.amp_dtype = autocast_dtype(config.autocast, self.device)
+        self.grad_scaler = (torch.amp.GradScaler(self.device.type)
+                            if self.amp_dtype == torch.float16 and self.device.type == "cuda" else None)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # nnU-Net's setting: fixed patch shapes, fastest 3D conv kernels
         self.optimizers = {b: torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                               weight_decay=config.weight_decay, nesterov=True)
                            for b, net in self.nets.items()}
@@ -280,21 +296,25 @@ class CPSTrainer:
         parts = [b.data for b in (lb, ub) if b is not None]
         x = torch.cat(parts).to(self.device, non_blocking=True) if len(parts) > 1 else parts[0].to(self.device)
         n_lab = lb.data.shape[0] if lb is not None else 0
-        outputs = {b: net(x) for b, net in self.nets.items()}
+        # float32 path (CPU default): no autocast context at all, so its numbers stay exactly as before.
+        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+               else contextlib.nullcontext())
+        with amp:
+            outputs = {b: net(x) for b, net in self.nets.items()}
 
-        zero = x.new_zeros(())
-        sup = {b: zero for b in BRANCHES}
-        if lb is not None:
-            target = [t.to(self.device, non_blocking=True) for t in lb.target]
-            sup = {b: self.sup_loss([o[:n_lab] for o in outputs[b]], target) for b in BRANCHES}
-        cps = zero
-        if cfg.mode == "cps" and lam > 0:
-            start = 0 if cfg.cps_on_labeled else n_lab
-            if start < x.shape[0]:
-                out_a = [o[start:] for o in outputs["a"]]
-                out_b = [o[start:] for o in outputs["b"]]
-                cps = self.cross_loss(out_a, out_b) + self.cross_loss(out_b, out_a)
-        total = sup["a"] + sup["b"] + lam * cps
+            zero = x.new_zeros(())
+            sup = {b: zero for b in BRANCHES}
+            if lb is not None:
+                target = [t.to(self.device, non_blocking=True) for t in lb.target]
+                sup = {b: self.sup_loss([o[:n_lab] for o in outputs[b]], target) for b in BRANCHES}
+            cps = zero
+            if cfg.mode == "cps" and lam > 0:
+                start = 0 if cfg.cps_on_labeled else n_lab
+                if start < x.shape[0]:
+                    out_a = [o[start:] for o in outputs["a"]]
+                    out_b = [o[start:] for o in outputs["b"]]
+                    cps = self.cross_loss(out_a, out_b) + self.cross_loss(out_b, out_a)
+            total = sup["a"] + sup["b"] + lam * cps
         if cfg.proximal_mu > 0 and reference is not None:
             total = total + sum(proximal_term(self.nets[b], reference[b], cfg.proximal_mu) for b in BRANCHES)
 
@@ -302,10 +322,21 @@ class CPSTrainer:
             for group in self.optimizers[b].param_groups:
                 group["lr"] = lr
             self.optimizers[b].zero_grad(set_to_none=True)
-        total.backward()
+        scaler = self.grad_scaler
+        if scaler is None:
+            total.backward()
+        else:
+            scaler.scale(total).backward()
         for b in BRANCHES:
+            if scaler is not None:
+                scaler.unscale_(self.optimizers[b])  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(self.nets[b].parameters(), cfg.grad_clip)
-            self.optimizers[b].step()
+            if scaler is None:
+                self.optimizers[b].step()
+            else:
+                scaler.step(self.optimizers[b])  # skipped when the scaled gradients overflowed
+        if scaler is not None:
+            scaler.update()
         return {"sup_a": float(sup["a"].detach()), "sup_b": float(sup["b"].detach()),
                 "cps": float(cps.detach()), "total": float(total.detach())}
 
@@ -330,6 +361,8 @@ class CPSTrainer:
                          for b in BRANCHES}
         for net in self.nets.values():
             net.train()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
         sums: dict[str, float] = defaultdict(float)
         history: list[float] = []
@@ -362,7 +395,8 @@ class CPSTrainer:
                         f"sup_a {sums['sup_a'] / done:.4f} sup_b {sums['sup_b'] / done:.4f} "
                         f"cps {sums['cps'] / done:.4f} total {sums['total'] / done:.4f} | "
                         f"lambda {lam:.3f} lr {lr:.2e} | {elapsed / done:.2f} s/it "
-                        f"(data wait {wait / done:.2f}) | peak {peak_rss_mib():.0f} MiB")
+                        f"(data wait {wait / done:.2f}) | peak {peak_rss_mib():.0f} MiB"
+                        + (f", GPU {self.peak_gpu_memory_mib():.0f} MiB" if self.device.type == "cuda" else ""))
         elapsed = time.perf_counter() - started
         return TrainStats(
             mode=cfg.mode, iterations=iterations, start_iteration=start_iteration,
@@ -371,8 +405,14 @@ class CPSTrainer:
             total=sums["total"] / iterations, seconds_per_iteration=elapsed / iterations,
             data_wait_per_iteration=wait / iterations, peak_memory_mib=peak_rss_mib(),
             num_labeled=len(self.labeled), num_unlabeled=len(self.unlabeled),
-            lambda_last=lam, lr_last=lr, history=history,
+            lambda_last=lam, lr_last=lr, history=history, peak_gpu_memory_mib=self.peak_gpu_memory_mib(),
         )
+
+    def peak_gpu_memory_mib(self) -> float:
+        """Peak memory torch allocated on this trainer's GPU since the last `train` began (0 on CPU)."""
+        if self.device.type != "cuda":
+            return 0.0
+        return torch.cuda.max_memory_allocated(self.device) / 2**20
 
     def _check_gate(self, iteration: int, log: LogFn) -> None:
         score = self.validation_dice(self.validation)

@@ -7,13 +7,60 @@ trainer, so it lives in `common`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.aggregation_config import AggregationConfig
 from common.label_transfer_config import DEFAULT_LABEL_TRANSFER, LabelTransferConfig
 from common.postprocessing import Postprocessing
 
 ROLES = ("train", "eval")
+
+#: `init-weights` value for the shipped pretraining of the CPU net (STU-Net T, first-stage width 4: a
+#: pair pretrained on the multi-sequence public phantom set, `simulations/pretrain.py`), as the demo
+#: and `fedliver train` start from; any other size starts from random weights.
+AUTO_INIT = "auto"
+SHIPPED_PRETRAINING = Path("simulations") / "pretrained" / "stunet_T4_multiseq.safetensors"
+
+
+def shipped_pretraining() -> Path | None:
+    """The shipped file, or None. Looked up along sys.path and in the source folder of an editable
+    install: the app bundle a deployed ServerApp runs from never carries it (Flower bundles no
+    .safetensors), the coordinator's fedliver installation does."""
+    import json
+    import sys
+    from importlib import metadata
+
+    roots = [Path(p or ".") for p in sys.path]
+    try:  # `pip install -e .`: direct_url.json names the source folder
+        url = json.loads(metadata.distribution("fedliver").read_text("direct_url.json") or "{}").get("url", "")
+        if url.startswith("file://"):
+            roots.append(Path(url[len("file://"):]))
+    except (metadata.PackageNotFoundError, ValueError):
+        pass
+    roots.append(Path(__file__).resolve().parents[1])
+    return next(((root / SHIPPED_PRETRAINING).resolve() for root in roots if (root / SHIPPED_PRETRAINING).is_file()), None)
+
+
+def resolve_init_weights(value: str, net_size: str, base_width: int | None) -> tuple[Path | None, str]:
+    """(file to start from, None for random weights; one line saying which and why) for an
+    `init-weights` value: "auto", "" / "none" (random), or a checkpoint path. ValueError when the
+    file is missing."""
+    value = str(value).strip()
+    if value.lower() in ("", "none", "random"):
+        return None, "random (init-weights is empty)"
+    if value.lower() == AUTO_INIT:
+        if net_size != "T" or base_width != 4:
+            return None, f"random (init-weights auto: no shipped pretraining for STU-Net {net_size} width {base_width})"
+        found = shipped_pretraining()
+        if found is None:
+            raise ValueError(f"init-weights auto: {SHIPPED_PRETRAINING} not found in the fedliver installation "
+                             "of this host; give a checkpoint path or \"none\"")
+        return found, f"{found} (shipped pretraining, init-weights auto)"
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ValueError(f"init-weights {value}: not found on this host")
+    return path.resolve(), f"{path.resolve()} (init-weights)"
 
 
 @dataclass(frozen=True)
@@ -74,6 +121,7 @@ class FederationConfig:
     local_norm: bool = False
     local_momentum: bool = False  # sites keep their SGD momentum between rounds (context.state)
     fp16_transport: bool = False
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)  # strategy, DP, int8 updates
     min_train_nodes: int = 1
     round_timeout_s: float = 3600.0
     node_wait_s: float = 300.0
@@ -82,6 +130,7 @@ class FederationConfig:
     postprocessing: Postprocessing = Postprocessing()  # largest liver component on GED4 predictions
     evaluate_train_sites: bool = True  # training sites also score their test split (validation: always)
     agreement_volumes: int = 1  # unlabeled volumes per phase for the branch-agreement signal
+    device: str = "auto"  # sites' torch device (node config `device` overrides; resolved by the ClientApp)
     seed: int = 0
 
     @property
@@ -132,6 +181,7 @@ class FederationConfig:
             local_norm=bool(get("local-norm", False)),
             local_momentum=bool(get("local-momentum", False)),
             fp16_transport=bool(get("fp16-transport", False)),
+            aggregation=AggregationConfig.from_run_config(run_config),
             min_train_nodes=int(get("min-train-nodes", 1)),
             round_timeout_s=float(get("round-timeout", 3600.0)),
             node_wait_s=float(get("node-wait", 300.0)),
@@ -141,5 +191,6 @@ class FederationConfig:
                                                 str(get("postprocessing-phases", "GED4"))),
             evaluate_train_sites=bool(get("evaluate-train-sites", True)),
             agreement_volumes=int(get("agreement-volumes", 1)),
+            device=str(get("device", "auto")),
             seed=int(get("seed", 0)),
         )

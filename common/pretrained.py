@@ -1,7 +1,10 @@
 """Load released STU-Net weights (nnU-Net v1 `.model`, v2 `.pth`, `.safetensors`) for fine-tuning.
 
 Every tensor is loaded except the segmentation heads (`seg_outputs.*`), which stay freshly initialised
-for the new class count. When the net has more input channels than the checkpoint, the first block's
+for the new class count unless asked for (`heads=True`) and of the net's shape. A *pair* checkpoint
+(keys `a.<param>` and `b.<param>`, as `simulations/pretrain.py` writes: two nets pretrained from
+different seeds) gives each CPS branch its own net, heads included: both branches start trained and
+still apart, which one body under two random heads does not give (the second head starts far behind). When the net has more input channels than the checkpoint, the first block's
 input convs are repeated along the input-channel axis and divided by the repeat factor, so k copies of
 one image give the pretrained activations. Anything else that does not fit is refused.
 
@@ -108,20 +111,40 @@ def _adapt_input_conv(source: torch.Tensor, target_shape: torch.Size) -> torch.T
     return source.repeat(1, factor, 1, 1, 1) / factor
 
 
-def load_pretrained(net: nn.Module, path: str | Path, *, strict_body: bool = True) -> LoadReport:
-    """Copy a checkpoint's body into `net` in place; the heads (`seg_outputs.*`) are skipped.
+PAIR_BRANCHES = ("a", "b")
+
+
+def branch_of_pair(state: dict[str, torch.Tensor], branch: str, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
+    """One branch of a pair checkpoint (every key `a.*` or `b.*`); any other state dict unchanged."""
+    if not all(k.split(".", 1)[0] in PAIR_BRANCHES for k in state):
+        return state
+    prefix = f"{branch}."
+    chosen = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not chosen:
+        raise ValueError(f"{path}: pair checkpoint has no branch {branch!r}")
+    return chosen
+
+
+def load_pretrained(net: nn.Module, path: str | Path, *, strict_body: bool = True, branch: str = "a",
+                    heads: bool = False) -> LoadReport:
+    """Copy a checkpoint's body into `net` in place; the heads (`seg_outputs.*`) are skipped unless
+    `heads` and the checkpoint has them in the net's shapes. Of a pair checkpoint, `branch` is read.
 
     With `strict_body` (the default) any missing or unexpected key or shape mismatch outside the heads
     raises one ValueError listing the first offenders, and nothing is copied. Without it, whatever
     fits is loaded and the rest listed in the report.
     """
     report = LoadReport(Path(path))
-    source = read_checkpoint(path)
+    source = branch_of_pair(read_checkpoint(path), branch, path)
     target = net.state_dict()
     updates: dict[str, torch.Tensor] = {}
     for name, dest in target.items():
         if name.startswith(HEAD_PREFIX):
-            report.skipped.append(name)
+            if heads and name in source and source[name].shape == dest.shape:
+                updates[name] = source[name]
+                report.loaded.append(name)
+            else:
+                report.skipped.append(name)
         elif name not in source:
             report.missing.append(name)
         elif source[name].shape == dest.shape:
@@ -155,13 +178,16 @@ def save_safetensors(net_or_state_dict: nn.Module | dict[str, torch.Tensor], pat
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
 
 
-def load_initial_weights(net: nn.Module, path: str | Path) -> str:
-    """Body weights (not the heads) from a checkpoint file (.pth/.model/.safetensors) or a MODEL_DIR
-    (its branch "a"); returns a one-line summary. Heads keep their own initialisation, so the two
-    CPS branches still start apart."""
+def load_initial_weights(net: nn.Module, path: str | Path, branch: str = "a") -> str:
+    """The initial weights of CPS branch `branch`; returns a one-line summary.
+
+    A pair checkpoint file (`a.*`/`b.*`, heads included) gives the branch its own pretrained net,
+    heads too where they fit. Any other file (.pth/.model/.safetensors) or a MODEL_DIR (its branch
+    "a") gives the body only: heads keep their own initialisation, so the two branches start apart.
+    """
     path = Path(path)
     if not path.is_dir():
-        return load_pretrained(net, path).summary()
+        return load_pretrained(net, path, branch=branch, heads=True).summary()
     from common.model_dir import load_model_dir  # imported here: model_dir builds nets from this module
 
     bundle = load_model_dir(path)

@@ -305,7 +305,9 @@ def readme_text(layout: CertLayout, sans: Sequence[str], sites: Sequence[str], d
         "",
         "PUBLIC files (may be shared):",
         f"  {rel(layout.ca_cert):32s} the CA certificate (every party trusts it).",
-        f"  {rel(layout.superlink_dir) + '/':32s} give server.crt, server.key, ca.crt to the SuperLink host:",
+        f"  {rel(layout.server_cert):32s} the SuperLink's certificate (signed by the CA).",
+        f"  {rel(layout.server_ca):32s} copy of the CA certificate, for the SuperLink host.",
+        "      The SuperLink host gets the folder superlink/ (with the SECRET server.key above):",
         "      fedliver superlink --certs <this folder> --state <state dir> --host 0.0.0.0",
     ]
     for site in sites:
@@ -317,7 +319,7 @@ def readme_text(layout: CertLayout, sans: Sequence[str], sites: Sequence[str], d
         "",
         "What each hospital receives (copy the folder sites/<SITE>/ over a secure channel):",
         "  <site>.key (secret) and ca.crt, then runs:",
-        "      fedliver supernode --site <SITE> --role train --data-dir <data> \\",
+        "      fedliver supernode --site <SITE> --role train --data-dir <its Vendor_X folder> \\",
         "          --superlink <coordinator host>:8000 --ca ca.crt --key <site>.key",
         "  <site>.pub stays with the coordinator (it is also in the folder for reference).",
         "",

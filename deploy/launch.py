@@ -196,6 +196,7 @@ class SuperNodeConfig:
     max_retries: int | None = None      # None: keep reconnecting (the SuperLink may restart)
     max_wait_time: float | None = None
     extra_args: tuple[str, ...] = ()
+    device: str = ""                    # node config `device` (auto, cpu, cuda, cuda:N); "" = the run's
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -216,7 +217,7 @@ class SuperNodeConfig:
     def node_config(self) -> dict[str, str]:
         """What the ClientApp reads from `context.node_config`."""
         return {"site": self.site, "role": self.role, "data-dir": str(_abs(self.data_dir)),
-                "cache-dir": str(_abs(self.cache))}
+                "cache-dir": str(_abs(self.cache)), **({"device": self.device} if self.device else {})}
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -370,6 +371,15 @@ def flwr_run_command(app_dir: Path, flwr_home: Path,
             "--format", "json"]
     if values:
         argv += ["--run-config", run_config_string(values)]
+    return Command(tuple(argv), {"FLWR_HOME": str(flwr_home), **QUIET_ENV})
+
+
+def flwr_run_file_command(app_dir: Path, flwr_home: Path, settings: Path, *,
+                          connection: str = CONNECTION_NAME, bin_dir: Path | None = None) -> Command:
+    """`flwr run APP <connection> --run-config SETTINGS.toml --format json` (Flower reads the file
+    itself; it must end in .toml and cannot be combined with key=value overrides)."""
+    argv = [flower_executable("flwr", bin_dir), "run", str(_abs(app_dir)), connection,
+            "--run-config", str(_abs(settings)), "--format", "json"]
     return Command(tuple(argv), {"FLWR_HOME": str(flwr_home), **QUIET_ENV})
 
 

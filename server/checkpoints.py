@@ -6,7 +6,8 @@
       checkpoints/best/               MODEL_DIR with the best validation GED4 Dice so far (training
                                       sites' validation cases; absent when no site has any)
       server_state.json               last complete round, best round, history of every round
-      momentum.safetensors            FedAvgM buffer (only with server momentum)
+      strategy_state.safetensors      the strategy's buffers (FedAvgM momentum, FedAdam/FedYogi moments)
+                                      and the DP accountant's ledger, for resuming
 
 A round counts as complete once `server_state.json` names it; it is written last (atomically),
 so a crash mid-round resumes from the round before with the same numbering.
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from common.model_dir import load_model_dir, save_model_dir
@@ -100,16 +102,25 @@ class RunFolder:
             if int(path.name.split("_")[1]) not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
-    # FedAvgM buffer ------------------------------------------------------------------------
+    # strategy state ------------------------------------------------------------------------
     @property
-    def momentum_file(self) -> Path:
-        return self.root / "momentum.safetensors"
+    def strategy_state_file(self) -> Path:
+        return self.root / "strategy_state.safetensors"
 
-    def save_momentum(self, velocity: dict[str, np.ndarray]) -> None:
-        if velocity:
-            temporary = self.momentum_file.with_suffix(".tmp")
-            save_file({k: np.ascontiguousarray(v) for k, v in velocity.items()}, str(temporary))
-            os.replace(temporary, self.momentum_file)
+    def save_strategy_state(self, arrays: dict[str, np.ndarray], info: dict) -> None:
+        """The strategy's buffers as tensors, its name and the DP accountant's ledger as JSON metadata."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        temporary = self.strategy_state_file.with_suffix(".tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(temporary),
+                  metadata={"info": json.dumps(info)})
+        os.replace(temporary, self.strategy_state_file)
 
-    def load_momentum(self) -> dict[str, np.ndarray]:
-        return load_file(str(self.momentum_file)) if self.momentum_file.is_file() else {}
+    def load_strategy_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        if self.strategy_state_file.is_file():
+            with safe_open(str(self.strategy_state_file), "np") as stream:
+                info = json.loads((stream.metadata() or {}).get("info", "{}"))
+            return load_file(str(self.strategy_state_file)), info
+        legacy = self.root / "momentum.safetensors"  # runs before Flower's strategies: the FedAvgM buffer
+        if legacy.is_file():
+            return {f"momentum.{k}": v for k, v in load_file(str(legacy)).items()}, {"strategy": "fedavgm"}
+        return {}, {}

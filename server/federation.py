@@ -13,23 +13,26 @@ Resuming a run folder continues after its last complete round with the same numb
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
-from common.federation_config import FederationConfig
+from common.federation_config import FederationConfig, resolve_init_weights
+from common.hashing import sha256_file
 from common.fingerprint import FingerprintConfig, SiteFingerprint, merge_fingerprints
 from common.planning import PlanningConfig, plan_from_fingerprint, plans_hash
 from common.pretrained import load_initial_weights
 from common.stunet import build_stunet_from_plans
-from common.weights import flatten, from_arrayrecord, record_nbytes, to_arrayrecord
+from common.weights import flatten, record_nbytes, to_arrayrecord
 from server.checkpoints import RunFolder, ServerState
-from server.messaging import Failure, NodeInfo, broadcast, wait_for_nodes
+from server.messaging import Failure, NodeInfo, broadcast, identify_while_waiting
 from server.plots import plot_run
 from server.report import NO_VALIDATION, build_report, evaluation_entry, format_table, selection_score, write_report
 from server.strategy import NodeUpdate, PairAggregator
@@ -45,19 +48,33 @@ class Federation:
         self.run = RunFolder(config.run_dir)
         self.nodes: dict[int, NodeInfo] = {}
         self._said_no_validation = False
+        self.init_path: Path | None = None  # resolved from init-weights by run_all
 
     # ------------------------------------------------------------------------------ nodes
     def identify_nodes(self) -> None:
-        expected = len(self.config.sites) or self.config.min_train_nodes
-        node_ids = wait_for_nodes(self.grid, expected, self.config.node_wait_s, self.log)
-        replies, failures = broadcast(
-            self.grid, {n: "?" for n in node_ids}, "query.identify", RecordDict(), group="identify",
-            timeout=self.config.round_timeout_s,
-        )
+        expected = {a.site: a.role for a in self.config.sites}
+        replies, failures = identify_while_waiting(
+            self.grid, list(expected), self.config.min_train_nodes, self.config.node_wait_s,
+            self.config.round_timeout_s, self.log)
+        for node_id, reply in sorted(replies.items()):
+            identity = reply.content["identity"]
+            counts = reply.content["counts"]
+            site, role = str(identity["site"]), str(identity["role"])
+            if "error" in identity:  # the node answered but cannot take part (its data, mostly)
+                failures.append(Failure(node_id, site, f"cannot take part: {identity['error']}"))
+                continue
+            if expected and expected.get(site, role) != role:
+                self.log(f"WARNING site {site}: the node says role {role}, the run's sites say "
+                         f"{expected[site]}; the node's role applies")
+            elif expected and site not in expected:
+                self.log(f"WARNING site {site} (node {node_id}) is not in the run's sites "
+                         f"({', '.join(expected)}); it takes part as {role}")
         self._report_failures(failures)
         for node_id, reply in replies.items():
             identity = reply.content["identity"]
             counts = reply.content["counts"]
+            if "error" in identity:
+                continue
             info = NodeInfo(node_id, str(identity["site"]), str(identity["role"]),
                             validation_cases=int(counts.get("validation-cases", 0)),
                             test_cases=int(counts.get("test-cases", 0)))
@@ -102,13 +119,21 @@ class Federation:
             for reply in replies.values()
         ]
         merged = merge_fingerprints(fingerprints)
-        plans = plan_from_fingerprint(
-            merged,
-            PlanningConfig(
-                size=self.config.net_size, base_width=self.config.base_width, patch_size=self.config.patch_size,
-                batch_size=self.config.batch_size,
-            ),
-        )
+        # nnU-Net's planner opens a multiprocessing Pool. Forked from this process, whose Flower
+        # threads may hold a lock at that moment, a worker can block forever and the run hangs at
+        # round 0 (seen on loopback): workers come from a clean fork server while planning.
+        start_method = multiprocessing.get_start_method(allow_none=True)
+        multiprocessing.set_start_method("forkserver", force=True)
+        try:
+            plans = plan_from_fingerprint(
+                merged,
+                PlanningConfig(
+                    size=self.config.net_size, base_width=self.config.base_width, patch_size=self.config.patch_size,
+                    batch_size=self.config.batch_size,
+                ),
+            )
+        finally:
+            multiprocessing.set_start_method(start_method, force=True)
         digest = self.run.save_plans(plans)
         configuration = plans["configurations"]["3d_fullres"]
         self.log(
@@ -123,8 +148,8 @@ class Federation:
         for offset, name in enumerate(("a", "b")):
             torch.manual_seed(self.config.seed + offset)
             net = build_stunet_from_plans(plans)
-            if self.config.init_weights:
-                self.log(f"branch {name}: {load_initial_weights(net, self.config.init_weights)}")
+            if self.init_path is not None:
+                self.log(f"branch {name}: {load_initial_weights(net, self.init_path, name)}")
             branches[name] = net.state_dict()
         return flatten(branches)
 
@@ -176,8 +201,8 @@ class Federation:
     def train_round(
         self, server_round: int, current: dict[str, np.ndarray], config: ConfigRecord, aggregator: PairAggregator
     ) -> tuple[dict[str, np.ndarray], dict]:
-        arrays = to_arrayrecord(current, fp16=self.config.fp16_transport)
-        content = RecordDict({"arrays": arrays, "config": config})
+        content = aggregator.configure(server_round, current, config, list(self.training_nodes))
+        arrays = content["arrays"]
         replies, failures = broadcast(
             self.grid, self.training_nodes, "train", content, group=str(server_round), timeout=self.config.round_timeout_s
         )
@@ -189,7 +214,12 @@ class Federation:
                 failures.append(Failure(node_id, site, f"refused: plans hash {returned_hash[:12]} differs"))
                 continue
             metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
-            updates.append(NodeUpdate(node_id, site, from_arrayrecord(reply.content["arrays"]), metrics))
+            try:
+                decoded = aggregator.decode(reply.content["arrays"])
+            except ValueError as error:
+                failures.append(Failure(node_id, site, f"update rejected: {error}"))
+                continue
+            updates.append(NodeUpdate(node_id, site, decoded, metrics))
             train_metrics[site] = metrics
             reply_bytes[site] = record_nbytes(reply.content["arrays"])
         accepted, rejected = aggregator.screen(updates, current)
@@ -197,7 +227,7 @@ class Federation:
         self._report_failures(failures)
         if not accepted:
             self.log(f"round {server_round}: no usable update; the global model stays as it was")
-        new = aggregator.aggregate(current, accepted)
+        new = aggregator.aggregate(server_round, current, accepted)
         for site, metrics in sorted(train_metrics.items()):
             self.log(
                 f"round {server_round} site {site}: loss {metrics['loss-total']:.3f} (cps {metrics['loss-cps']:.3f}), "
@@ -207,6 +237,7 @@ class Federation:
             "train": train_metrics,
             "rejected": [str(f) for f in failures],
             "bytes": {"to-each-node": record_nbytes(arrays), "from-node": reply_bytes},
+            "aggregation": aggregator.last_round,
         }
 
     def evaluation_nodes(self, test: bool = True) -> dict[int, str]:
@@ -236,14 +267,21 @@ class Federation:
     # ------------------------------------------------------------------------------ the run
     def run_all(self) -> dict:
         c = self.config
+        # Before waiting for anyone: a missing checkpoint fails the run at once, in one line.
+        self.init_path, note = resolve_init_weights(c.init_weights, c.net_size, c.base_width)
+        self.log(f"initial weights: {note}")
+        self.initial_weights = {"setting": c.init_weights, "file": str(self.init_path) if self.init_path else None,
+                                "sha256": sha256_file(self.init_path) if self.init_path and self.init_path.is_file() else None,
+                                "note": note}
         self.identify_nodes()
         plans = self.federated_plans()
         plans_json, digest = json.dumps(plans, sort_keys=True), plans_hash(plans)
         state = self.run.load_state()
-        aggregator = PairAggregator(c.weighted_by, c.server_momentum)
+        aggregator = self.aggregator = PairAggregator(c, len(self.training_nodes), log=self.log)
+        self.log(f"aggregation: {aggregator.summary_line()}")
         if state.last_round:
             current = self.run.load_round(state.last_round)
-            aggregator.velocity = self.run.load_momentum()
+            aggregator.load_state(*self.run.load_strategy_state(), last_round=state.last_round)
             self.log(f"resuming after round {state.last_round} of {c.num_rounds}")
         else:
             current = self.initial_model(plans)
@@ -270,7 +308,8 @@ class Federation:
         info = {"metrics": entry.get("centers", {}), "validation": entry.get("validation", {}),
                 "postprocessing": self.config.postprocessing.to_info()}
         self.run.save_round(server_round, current, plans, info)
-        self.run.save_momentum(aggregator.velocity)
+        arrays, strategy_info = aggregator.state()
+        self.run.save_strategy_state(arrays, {**strategy_info, "round": server_round})
         # Selection looks at the training sites' validation cases only, never at a test score.
         selected = selection_score(entry)
         if selected is not None and selected.dice.mean > state.best_score:
@@ -304,6 +343,9 @@ class Federation:
             best_round=state.best_round,
             config={k: str(v) for k, v in asdict(self.config).items()},
         )
+        report["initial_weights"] = getattr(self, "initial_weights", {"setting": self.config.init_weights})
+        if getattr(self, "aggregator", None) is not None:  # strategy, DP and epsilon (per round: rounds[i].aggregation)
+            report["aggregation"] = self.aggregator.describe()
         path = write_report(self.config.run_dir, report)
         plot_run(state.history, self.config.run_dir / "plots", heldout=self.heldout_sites)
         self.log(f"report: {path}")

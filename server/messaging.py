@@ -50,6 +50,10 @@ def broadcast(
     failures: list[Failure] = []
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node_id = reply.metadata.src_node_id
+        if node_id not in nodes:  # an error the SuperLink wrote itself ("Node Unavailable"): its
+            # source is not the node; the message it answers (ids are set on push) names the node
+            sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+            node_id = sent.get(reply.metadata.reply_to_message_id, node_id)
         if reply.has_error():
             reason = " ".join(str(reply.error.reason).split())[-400:]
             failures.append(Failure(node_id, nodes.get(node_id, "?"), f"{message_type} failed: {reason}"))
@@ -60,13 +64,95 @@ def broadcast(
     return replies, failures
 
 
-def wait_for_nodes(grid: Grid, count: int, timeout: float, log: Callable[[str], None]) -> list[int]:
-    """Node ids once `count` nodes are connected, or whoever is there when `timeout` runs out."""
-    deadline = time.monotonic() + timeout
+class _Identify:
+    """`query.identify` to each node as it connects, replies collected as they come (push/pull);
+    grids that only deliver synchronously (the in-process test grid) answer at once."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.pending: dict[str, int] = {}  # message id -> node id
+        self.asked: set[int] = set()
+        self.replies: dict[int, Message] = {}
+        self.failures: list[Failure] = []
+        self._push = True
+
+    def ask(self, node_ids: list[int], timeout: float) -> None:
+        new = [n for n in node_ids if n not in self.asked]
+        self.asked.update(new)
+        if not new:
+            return
+        if self._push:
+            messages = [Message(RecordDict(), n, "query.identify", group_id="identify") for n in new]
+            try:
+                self.pending.update(zip(self.grid.push_messages(messages), new))
+                return
+            except NotImplementedError:
+                self._push = False
+        replies, failures = broadcast(self.grid, {n: UNIDENTIFIED for n in new}, "query.identify",
+                                      RecordDict(), group="identify", timeout=timeout)
+        self.replies.update(replies)
+        self.failures += failures
+
+    def collect(self) -> None:
+        if not self.pending:
+            return
+        for reply in self.grid.pull_messages(list(self.pending)):
+            node_id = self.pending.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if reply.has_error():
+                reason = " ".join(str(reply.error.reason).split())[-400:]
+                self.failures.append(Failure(node_id, UNIDENTIFIED, f"query.identify failed: {reason}"))
+            else:
+                self.replies[node_id] = reply
+
+    def sites(self) -> set[str]:
+        """Sites that said who they are (also those that said they cannot take part)."""
+        return {str(reply.content["identity"]["site"]) for reply in self.replies.values()}
+
+
+UNIDENTIFIED = "unidentified"
+
+
+def identify_while_waiting(
+    grid: Grid, expected_sites: list[str], count: int, timeout: float, reply_timeout: float,
+    log: Callable[[str], None], *, report_every: float = 30.0, poll: float = 1.0,
+) -> tuple[dict[int, Message], list[Failure]]:
+    """Ask every node who it is as soon as it connects, until the expected sites (or, without
+    names, `count` nodes) have answered or `timeout` runs out. A missing site is logged by name as
+    soon as everyone connected has answered, then every `report_every` seconds."""
+    identify = _Identify(grid)
+    started = time.monotonic()
+    deadline, next_report, last_said = started + timeout, started + report_every, None
+    expected = count if not expected_sites else len(expected_sites)
     while True:
         node_ids = sorted(grid.get_node_ids())
-        if len(node_ids) >= count or time.monotonic() > deadline:
-            if len(node_ids) < count:
-                log(f"only {len(node_ids)} of {count} expected nodes connected after {timeout:.0f}s; going on")
-            return node_ids
-        time.sleep(1.0)
+        identify.ask(node_ids, reply_timeout)
+        identify.collect()
+        missing = [s for s in expected_sites if s not in identify.sites()]
+        answered = len(identify.replies) + len(identify.failures)
+        done = not missing if expected_sites else len(identify.replies) >= count
+        now = time.monotonic()
+        if done:
+            return identify.replies, identify.failures
+        if now > deadline:
+            break
+        answering = len(identify.pending)
+        said = (tuple(missing), len(node_ids))
+        if now >= next_report or (not answering and said != last_said):
+            what = ", ".join(missing) if missing else f"{expected - answered} more nodes"
+            busy = f", {answering} still answering" if answering else ""
+            log(f"waiting for {what} ({len(node_ids)} of {expected} connected{busy}, {deadline - now:.0f} s left)")
+            next_report, last_said = now + report_every, said
+        time.sleep(poll)
+    if identify.pending:  # connected, not yet answered: they take part, so wait for who they are
+        log(f"node-wait ({timeout:.0f} s) is over; {len(identify.pending)} connected nodes are still answering")
+    until = time.monotonic() + reply_timeout
+    while identify.pending and time.monotonic() < until:
+        time.sleep(poll)
+        identify.collect()
+    identify.failures += [Failure(n, UNIDENTIFIED, f"no query.identify reply within {reply_timeout:.0f}s")
+                          for n in identify.pending.values()]
+    missing = [s for s in expected_sites if s not in identify.sites()]
+    log(f"only {len(identify.replies)} of {expected} expected sites answered after {timeout:.0f} s; going on"
+        + (f" without {', '.join(missing)}" if missing else ""))
+    return identify.replies, identify.failures
+

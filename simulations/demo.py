@@ -45,6 +45,7 @@ class DemoConfig:
     mode: str = "cps"
     init_weights: Path | None = PRETRAINED_WEIGHTS
     resume: bool = False
+    gpus_per_node: float | None = None  # Ray GPUs per site actor (None: shared evenly when CUDA is there, else 0)
 
     @property
     def data_dir(self) -> Path:
@@ -101,14 +102,16 @@ def make_phantoms(config: DemoConfig) -> None:
 
 def run_demo(config: DemoConfig) -> dict:
     if not config.resume:
-        for stale in ("checkpoints", "server_state.json", "plans.json", "plans.sha256", "report.json", "momentum.safetensors"):
+        for stale in ("checkpoints", "server_state.json", "plans.json", "plans.sha256", "report.json", "momentum.safetensors",
+                      "strategy_state.safetensors"):
             path = config.run_dir / stale
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     make_phantoms(config)
     started = time.perf_counter()
     run_simulation(
-        SimulationSpec(run_dir=config.run_dir, run_config=config.run_config(), num_supernodes=len(config.centers))
+        SimulationSpec(run_dir=config.run_dir, run_config=config.run_config(), num_supernodes=len(config.centers),
+                       gpus_per_node=config.gpus_per_node)
     )
     report = json.loads((config.run_dir / "report.json").read_text())
     final = report["final"]
@@ -134,14 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("cps", "supervised"), default=DemoConfig.mode)
     parser.add_argument("--seed", type=int, default=DemoConfig.seed)
     parser.add_argument("--init", type=Path, default=PRETRAINED_WEIGHTS,
-                        help="initial body weights (default: the shipped ATLAS-like pretraining; 'none' for random)")
+                        help="initial weights (default: the shipped pretraining, simulations/pretrained/stunet_T4_multiseq.safetensors; 'none' for random)")
     parser.add_argument("--resume", action="store_true", help="continue the run folder after its last complete round")
+    parser.add_argument("--gpus-per-node", type=float, default=None, metavar="G",
+                        help="GPUs Ray gives each site (default: 0 without CUDA, else 1 / sites per GPU)")
     args = parser.parse_args(argv)
     config = DemoConfig(
         run_dir=args.run_dir.resolve(), cases=args.cases, heldout_cases=args.heldout_cases, labeled=args.labeled,
         test_cases=args.test_cases, validation_cases=args.validation_cases,
         rounds=args.rounds, local_iterations=args.local_iterations, mode=args.mode, seed=args.seed,
         init_weights=None if str(args.init) == "none" else args.init, resume=args.resume,
+        gpus_per_node=args.gpus_per_node,
     )
     signal.signal(signal.SIGTERM, _interrupt)  # so that `finally` stops the SuperLink on `kill` too
     try:

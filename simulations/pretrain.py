@@ -1,14 +1,19 @@
-"""Pretrain the demo's STU-Net on the ATLAS-like public set, as the method pretrains on ATLAS.
+"""Pretrain the demo's STU-Net pair on public-like sets, as the method starts from pretrained weights.
 
-    python -m simulations.pretrain      # stunet_T4_atlas.safetensors: the demo's start (500 its, 16 cases)
-    python -m simulations.pretrain --label-transfer --cases 32 --iterations 2000 \
-        --out simulations/pretrained/stunet_T4_atlas_lt.safetensors   # with the label-transfer augmentations
+    python -m simulations.pretrain      # stunet_T4_multiseq.safetensors: the default start (16 subjects
+                                        # x T1CE, T1, T2, DWI; 1000 its; 35 min on 2 busy cores)
+    python -m simulations.pretrain --sequences T1CE --iterations 500 \
+        --out simulations/pretrained/stunet_T4_atlas.safetensors       # ATLAS-like only (T1CE)
+    python -m simulations.pretrain --sequences T1CE --label-transfer --cases 32 --iterations 2000 \
+        --out simulations/pretrained/stunet_T4_atlas_lt.safetensors    # with the label-transfer augmentations
 
-Generates the ATLAS-like set (`fedliver atlas`), runs `fedliver train --pretrain` (supervised,
-liver = labels 1 and 2), optionally with the label-transfer augmentations (`client/label_transfer.py`),
-and exports the body of branch "a" as safetensors with a provenance JSON beside it. The demo starts
-its CPS pair from the plain file (the label-transfer one measured worse: README, cross-phase
-ablation); real sites use released STU-Net checkpoints (`--init`), which load through the same code.
+Generates the public set (`fedliver atlas --sequences`: ATLAS-like contrast-enhanced T1, and by
+default also the non-contrast sequences public abdominal MRI collections label: T1, T2, DWI), runs
+`fedliver train --pretrain` (supervised, liver = labels 1 and 2), optionally with the label-transfer
+augmentations (`client/label_transfer.py`), and exports both nets (branches a and b from different
+seeds, heads included: a pair file, `common.pretrained`) as safetensors with a provenance JSON
+beside it. No hepatobiliary (GED4) image is in it: those only the sites have. Real sites with GPUs
+use released STU-Net checkpoints (`--init`), which load through the same code.
 """
 
 from __future__ import annotations
@@ -18,22 +23,23 @@ import json
 import tempfile
 from pathlib import Path
 
+from common.federation_config import SHIPPED_PRETRAINING
 from common.hashing import sha256_file
 from common.label_transfer_config import LabelTransferConfig
 from common.model_dir import load_model_dir
-from common.pretrained import HEAD_PREFIX, save_safetensors
+from common.pretrained import save_safetensors
 from fedliver.cli import main as fedliver
 
-PRETRAINED = Path(__file__).resolve().parent / "pretrained"
-DEFAULT_OUT = PRETRAINED / "stunet_T4_atlas.safetensors"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / SHIPPED_PRETRAINING  # what the demo, `fedliver train` and init-weights "auto" start from
 #: Label transfer during pretraining: every augmentation, often (the shape prior is the point).
 PRETRAIN_LABEL_TRANSFER = LabelTransferConfig(location_scale=0.5, non_contrast=0.25, random_conv=0.25, transpose=0.5)
 
 
 def pretrain(out: Path, *, cases: int, iterations: int, base_width: int, seed: int, work: Path,
-             label_transfer: LabelTransferConfig = LabelTransferConfig()) -> dict:
+             label_transfer: LabelTransferConfig = LabelTransferConfig(), sequences: str = "T1CE") -> dict:
     atlas, model = work / "atlas", work / "model"
-    if fedliver(["atlas", str(atlas), "--cases", str(cases), "--seed", str(seed)]) != 0:
+    if fedliver(["atlas", str(atlas), "--cases", str(cases), "--seed", str(seed), "--sequences", sequences]) != 0:
         raise RuntimeError("fedliver atlas failed")
     train_args = [
         "train", "--data", str(atlas), "--pretrain", "--out", str(model), "--iterations", str(iterations),
@@ -44,16 +50,18 @@ def pretrain(out: Path, *, cases: int, iterations: int, base_width: int, seed: i
         train_args += [f"--{name.replace('_', '-')}", str(p)]
     if fedliver(train_args) != 0:
         raise RuntimeError("fedliver train --pretrain failed")
-    body = {k: v for k, v in load_model_dir(model).branches["a"].items() if not k.startswith(HEAD_PREFIX)}
+    # Both pretrained nets, heads included (`a.*`, `b.*`): each CPS branch starts from its own.
+    pair = {f"{b}.{k}": v for b, state in load_model_dir(model).branches.items() for k, v in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(body, out)
+    save_safetensors(pair, out)
     info = json.loads((model / "info.json").read_text()) if (model / "info.json").exists() else {}
-    flag = " --label-transfer" if label_transfer.enabled else ""
+    flag = (" --label-transfer" if label_transfer.enabled else "") + f" --sequences {sequences}"
     provenance = {
-        "what": "STU-Net body (no seg_outputs heads) pretrained on the ATLAS-like phantom set",
+        "what": "STU-Net pair (branches a and b from different seeds, heads included) pretrained on the "
+                + ("multi-sequence public phantom set" if sequences != "T1CE" else "ATLAS-like phantom set"),
         "command": f"python -m simulations.pretrain --cases {cases} --iterations {iterations} "
         f"--base-width {base_width} --seed {seed}{flag} --out {out.name}",
-        "atlas": {"cases": cases, "seed": seed},
+        "atlas": {"cases": cases, "seed": seed, "sequences": sequences.split(",")},
         "size": "T", "base_width": base_width, "iterations": iterations,
         "label_transfer": label_transfer.to_dict(),
         "train_seconds": info.get("seconds"),
@@ -67,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--cases", type=int, default=16)
-    parser.add_argument("--iterations", type=int, default=500)
+    parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--base-width", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sequences", default="T1CE,T1,T2,DWI",
+                        help="sequences per public subject (fedliver atlas --sequences; default T1CE,T1,T2,DWI)")
     parser.add_argument("--label-transfer", action="store_true",
                         help="with the label-transfer augmentations (location-scale 0.5, non-contrast 0.25, "
                              "random-conv 0.25, transpose 0.5)")
@@ -78,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         provenance = pretrain(
             args.out, cases=args.cases, iterations=args.iterations, base_width=args.base_width, seed=args.seed,
             work=Path(work), label_transfer=PRETRAIN_LABEL_TRANSFER if args.label_transfer else LabelTransferConfig(),
+            sequences=args.sequences,
         )
     print(json.dumps(provenance, indent=1))
     return 0

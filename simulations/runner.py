@@ -8,6 +8,7 @@ everything it spawned (Ray included), also on failure or Ctrl-C.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -28,9 +29,34 @@ class SimulationSpec:
     run_config: Mapping[str, str | int | float | bool]
     num_supernodes: int
     cpus_per_node: int = 2
+    gpus_per_node: float | None = None  # Ray GPUs per ClientApp actor (None: `auto_gpus_per_node`)
     app_dir: Path = REPO_ROOT
     timeout_s: float = 3600.0
     env: Mapping[str, str] = field(default_factory=dict)
+
+
+def auto_gpus_per_node(num_supernodes: int, gpu_count: int | None = None) -> float:
+    """0 without a CUDA GPU; else 1 / (nodes per GPU), so that every node runs at once on a
+    GPU of its own or a share of one (4 nodes on 1 GPU: 0.25; on 3 GPUs: 0.5, as an actor's share
+    must fit on one GPU; on 4 or more: 1.0). Rounded down to Ray's 1e-4 resolution so that the
+    shares never add up to more than a GPU."""
+    if gpu_count is None:
+        from common.device import cuda_device_count
+
+        gpu_count = cuda_device_count()
+    if gpu_count <= 0:
+        return 0.0
+    per_gpu = math.ceil(max(1, num_supernodes) / gpu_count)
+    return math.floor(10_000 / per_gpu) / 10_000
+
+
+def gpus_per_node(spec: SimulationSpec) -> float:
+    """What each actor asks Ray for: the spec's value, or `auto_gpus_per_node`. Ray hides the GPUs
+    from actors that ask for none, so a site's `device = "auto"` then trains on the CPU."""
+    value = auto_gpus_per_node(spec.num_supernodes) if spec.gpus_per_node is None else float(spec.gpus_per_node)
+    if value < 0 or (value > 1 and not value.is_integer()):
+        raise ValueError(f"gpus per node must be >= 0 and a whole number above 1 (Ray), got {value}")
+    return value
 
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -57,7 +83,7 @@ def write_connection(flwr_home: Path, port: int, spec: SimulationSpec) -> None:
         "insecure = true\n"  # loopback-only simulation SuperLink; deployment is TLS-only (deploy/)
         f"options.num-supernodes = {spec.num_supernodes}\n"
         f"options.backend.client-resources.num-cpus = {spec.cpus_per_node}\n"
-        "options.backend.client-resources.num-gpus = 0\n"
+        f"options.backend.client-resources.num-gpus = {gpus_per_node(spec)}\n"
     )
 
 

@@ -45,6 +45,18 @@ def test_layout_files_exist(layout: CertLayout) -> None:
     assert "SECRET" in readme
 
 
+def test_readme_lists_every_secret_file_only_as_secret(layout: CertLayout) -> None:
+    readme = layout.readme.read_text()
+    secret_part, public_part = readme.split("PUBLIC files", 1)
+    secrets = [layout.ca_key, layout.server_key, *(layout.site_key(s) for s in SITES)]
+    for path in secrets:
+        rel = path.relative_to(layout.root).as_posix()
+        assert rel in secret_part, rel
+        assert rel not in public_part and path.name not in public_part.replace("SECRET server.key", ""), rel
+    for path in (layout.ca_cert, layout.server_cert, layout.server_ca, layout.site_pub("A")):
+        assert path.relative_to(layout.root).as_posix() in public_part
+
+
 def test_ca_is_a_ca(layout: CertLayout) -> None:
     ca = _cert(layout.ca_cert)
     assert ca.issuer == ca.subject

@@ -343,6 +343,17 @@ def test_cli_supernode_reports_missing_files(tmp_path: Path, capsys: pytest.Capt
     assert f"{tmp_path / 'nodata'}: data folder not found" in err
 
 
+
+def test_cli_supernode_device_goes_to_node_config_and_is_checked(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["supernode", "--site", "A", "--data-dir", str(tmp_path), "--superlink", "h:1",
+            "--ca", str(tmp_path / "ca.crt"), "--key", str(tmp_path / "a.key"), "--state", str(tmp_path / "n")]
+    assert main([*args, "--device", "cpu", "--dry-run"]) == 0
+    assert "device=\"cpu\"" in capsys.readouterr().out.replace("'", '"')
+    assert main([*args, "--device", "cuda"]) == 2  # no GPU here: refused before connecting
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "no CUDA GPU" in err[0]
+
 # ----------------------------------------------------------------------------- real SuperLink
 def test_real_superlink_tls_auth_starts_and_stops(certs: CertLayout, tmp_path: Path) -> None:
     port = free_port()
@@ -369,3 +380,157 @@ def test_real_superlink_tls_auth_starts_and_stops(certs: CertLayout, tmp_path: P
     assert not left, f"processes left: {left}"
     assert (tmp_path / "state" / "state.db").is_file()
     assert "Starting Flower SuperLink" in link.log_text()
+
+
+# ----------------------------------------------------------------------------- the coordinator's run settings
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _settings(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_shipped_run_settings_pass(tmp_path: Path) -> None:
+    from deploy.run_settings import check_run_settings
+
+    settings = check_run_settings(REPO / "deploy" / "run.toml", REPO)
+    assert settings.ok, settings.problems
+    assert settings.sites == (("A", "train"), ("B1", "train"), ("B2", "train"), ("C", "eval"))
+    assert settings.init_note.endswith("(shipped pretraining, init-weights auto)")
+    assert "simulations/pretrained/stunet_T4_multiseq.safetensors" in settings.summary()
+
+
+def test_run_settings_problems_one_line_each(tmp_path: Path) -> None:
+    from deploy.run_settings import check_run_settings
+
+    path = _settings(tmp_path, """\
+        sites = "A:train,B1:trian,A:eval"
+        num-rounds = 3
+        local_iterations = 30
+        learning-rate = "fast"
+        run-dir = "runs/r1"
+        init-weights = "/nowhere/model.safetensors"
+        """)
+    problems = check_run_settings(path, REPO).problems
+    assert all("\n" not in p and p.startswith(str(path)) for p in problems)
+    text = "\n".join(problems)
+    assert "unknown key 'num-rounds' (did you mean 'num-server-rounds'?)" in text
+    assert "unknown key 'local_iterations' (did you mean 'local-iterations'?)" in text
+    assert "learning-rate = 'fast': expected a number" in text
+    assert "'B1:trian': write SITE:ROLE" in text and "site A is listed twice" in text
+    assert "run-dir 'runs/r1': give an absolute folder" in text
+    # the checkpoint is looked at once the rest is right
+    fixed = _settings(tmp_path, f"""\
+        sites = "A:train,C:eval"
+        run-dir = "{tmp_path / 'run'}"
+        init-weights = "/nowhere/model.safetensors"
+        """)
+    assert check_run_settings(fixed, REPO).problems == (f"{fixed}: init-weights /nowhere/model.safetensors: not found on this host",)
+
+
+def test_run_settings_need_sites_run_dir_and_init_and_a_training_site(tmp_path: Path) -> None:
+    from deploy.run_settings import check_run_settings
+
+    text = "\n".join(check_run_settings(_settings(tmp_path, "num-server-rounds = 2\n"), REPO).problems)
+    for key in ("sites not set", "run-dir not set", "init-weights not set"):
+        assert key in text, text
+    only_eval = _settings(tmp_path, f'sites = "C:eval"\nrun-dir = "{tmp_path}"\ninit-weights = "none"\n'
+                                    "min-train-nodes = 1\n")
+    assert check_run_settings(only_eval, REPO).problems == (f"{only_eval}: sites: no site has role train "
+                                                            "(held-out sites only evaluate)",)
+    too_few = _settings(tmp_path, f'sites = "A:train,C:eval"\nrun-dir = "{tmp_path}"\ninit-weights = "none"\n'
+                                  "min-train-nodes = 2\n")
+    assert check_run_settings(too_few, REPO).problems == (f"{too_few}: sites: 1 training sites, but min-train-nodes = 2",)
+
+
+def test_submit_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = _settings(tmp_path, 'sites = "A:train"\nrounds = 3\n')
+    assert main(["submit", str(bad), "--state", str(tmp_path / "state"), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'rounds' (did you mean 'num-server-rounds'?)" in err
+    good = _settings(tmp_path, f'sites = "A:train,C:eval"\nrun-dir = "{tmp_path / "r"}"\ninit-weights = "none"\n')
+    assert main(["submit", str(good), "--state", str(tmp_path / "state"), "--check"]) == 0
+    captured = capsys.readouterr()
+    assert "sites: A (train), C (eval)" in captured.out and "initial weights: random" in captured.out
+    assert "run `fedliver register`" in captured.err  # no connection yet: said, not an error
+    assert not (tmp_path / "state").exists()  # checking writes nothing
+
+
+def test_init_weights_auto_follows_the_net_size(tmp_path: Path) -> None:
+    from common.federation_config import resolve_init_weights
+
+    path, note = resolve_init_weights("auto", "T", 4)
+    assert path is not None and path.is_absolute() and path.name == "stunet_T4_multiseq.safetensors"
+    assert resolve_init_weights("auto", "B", None)[0] is None  # no shipped file for the published sizes
+    assert resolve_init_weights("none", "T", 4) == (None, "random (init-weights is empty)")
+    with pytest.raises(ValueError, match="not found on this host"):
+        resolve_init_weights(str(tmp_path / "x.pth"), "T", 4)
+
+
+# ----------------------------------------------------------------------------- status
+def test_status_names_sites_and_keeps_full_run_status(tmp_path: Path) -> None:
+    from deploy.launch import Registration
+    from deploy.status import combine, format_status, record_registrations, record_run
+
+    pubs = {s: tmp_path / f"{s}.pub" for s in ("A", "B2")}
+    for site, pub in pubs.items():
+        pub.write_text(f"ecdsa-sha2-nistp384 AAAA{site} fedliver-{site}\n")
+    record_registrations(tmp_path, [Registration("A", 11, False, "registered"),
+                                    Registration("B2", 22, False, "registered")], pubs)
+    record_registrations(tmp_path, [Registration("A", None, True, "already registered")], pubs)
+    registry = json.loads((tmp_path / "sites.json").read_text())
+    assert registry["A"]["node-id"] == "11" and len(registry["A"]["public-key-sha256"]) == 64
+    run_dir = tmp_path / "r1"
+    run_dir.mkdir()
+    (run_dir / "server_state.json").write_text('{"last_round": 2}')
+    record_run(tmp_path, 7, tmp_path / "run.toml", {"run-dir": str(run_dir), "num-server-rounds": 5})
+    nodes = [{"node-id": "11", "status": "online"}, {"node-id": "22", "status": "registered"},
+             {"node-id": "33", "status": "online"}]
+    runs = [{"run-id": "6", "status": "finished:failed", "status-details": "ServerApp raised: a very long reason " * 3,
+             "elapsed": 5.0, "pending-at": "2026-01-01 10:00:00"},
+            {"run-id": "7", "status": "running", "elapsed": 3725.0, "pending-at": "2026-01-01 11:00:00"}]
+    status = combine(registry, nodes, runs, json.loads((tmp_path / "runs.json").read_text()))
+    text = format_status(status)
+    assert text.splitlines()[0] == "sites online: A, node 33"
+    assert re.search(r"^B2\s+registered\s+22$", text, re.M)
+    assert "current run: 7, running, round 2 of 5 done, 1h02m05s" in text
+    assert "finished:failed (ServerApp raised: a very long reason" in text  # never cut
+    assert "(not submitted with fedliver submit)" in text
+
+
+# ----------------------------------------------------------------------------- the site's data check
+def test_site_data_check(tmp_path: Path) -> None:
+    from deploy.site_check import check_site_data
+    from simulations.phantoms import PhantomConfig, generate_liqa_tree
+
+    (tmp_path / "empty").mkdir()
+    assert not check_site_data(tmp_path / "empty", "train").ok
+    tree = tmp_path / "liqa"
+    generate_liqa_tree(tree, PhantomConfig(centers=("A", "C"), cases=1, labeled=1, seed=0, profile="demo",
+                                           heldout=("C",)))
+    whole = check_site_data(tree, "train")
+    assert not whole.ok and "2 vendor folders (Vendor_A, Vendor_C)" in whole.message
+    assert f"point it at this site's own folder, e.g. {tree / 'Vendor_A'}" in whole.message
+    assert check_site_data(tree / "Vendor_A", "train").ok
+    assert check_site_data(tree / "Vendor_C", "eval").ok
+    for mask in (tree / "Vendor_A").rglob("mask_*.nii.gz"):
+        mask.unlink()
+    unlabeled = check_site_data(tree / "Vendor_A", "train")
+    assert not unlabeled.ok and "none usable for role train" in unlabeled.message
+
+
+def test_supernode_refuses_an_empty_folder_quickly(certs: CertLayout, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    argv = [sys.executable, "-m", "fedliver", "supernode", "--site", "A", "--data-dir", str(tmp_path / "empty"),
+            "--superlink", "127.0.0.1:9", "--ca", str(certs.site_ca("A")), "--key", str(certs.site_key("A")),
+            "--state", str(tmp_path / "n")]
+    started = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    seconds = time.monotonic() - started
+    assert done.returncode == 1 and done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"not starting: {tmp_path / 'empty'}: not a dataset"), line
+    assert seconds < 5, seconds
+    print(f"refused in {seconds:.2f} s")

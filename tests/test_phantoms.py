@@ -197,6 +197,29 @@ def test_atlas_tree(tmp_path: Path):
     assert index.cases[0].foreground_labels == (1, 2)
 
 
+
+def test_multi_sequence_public_set(tmp_path: Path):
+    """Extra sequences: one case per subject and sequence, each read as its phase, T1CE unchanged."""
+    from common.discovery import index_dataset
+
+    plain = generate_atlas_tree(tmp_path / "atlas", cases=2, seed=1)
+    root = generate_atlas_tree(tmp_path / "ms", cases=2, seed=1, sequences=("T1CE", "T1", "T2", "DWI"))
+    meta = json.loads((root / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "T1CE", "1": "T1", "2": "T2", "3": "DWI"} and meta["numTraining"] == 8
+    index = index_dataset(root)
+    assert not index.problems and len(index.cases) == 8
+    phases = sorted(phase for case in index.cases for phase in case.masks)
+    assert phases == sorted(["GED4", "T1", "T2", "DWI_800"] * 2)  # T1CE is the labeled-phase channel
+    # T1CE is the ATLAS case, voxel for voxel; the other sequences look different.
+    t1ce, _ = _read(root / "imagesTr" / "ms001t1ce_0000.nii.gz")
+    atlas, _ = _read(plain / "imagesTr" / "im1.nii.gz")
+    assert np.array_equal(t1ce, atlas)
+    t2, _ = _read(root / "imagesTr" / "ms001t2_0002.nii.gz")
+    t2_mask, _ = _read(root / "labelsTr" / "ms001t2.nii.gz")
+    assert t2[t2_mask > 0].mean() < np.percentile(t2[t2 > 0], 90)  # T2: the liver is not the bright organ
+    with pytest.raises(ValueError, match="FLAIR"):
+        generate_atlas_tree(tmp_path / "bad", cases=1, seed=1, sequences=("T1CE", "FLAIR"))
+
 def test_cli_and_preview(tree: Path, tmp_path: Path, capsys):
     from fedliver.cli import main
 

@@ -191,3 +191,30 @@ def test_unreadable_or_empty_files(tmp_path):
         read_checkpoint(no_weights)
     with pytest.raises(FileNotFoundError):
         read_checkpoint(tmp_path / "absent.model")
+
+
+def test_pair_checkpoint_gives_each_branch_its_own_net_heads_included(tmp_path):
+    """A pair file (`a.*`/`b.*`, as simulations/pretrain.py writes) starts each CPS branch from its own
+    pretrained net, heads too; a released 105-class file keeps the fresh 2-class heads."""
+    from common.pretrained import load_initial_weights
+
+    nets = {"a": small_net(seed=1), "b": small_net(seed=2)}
+    path = tmp_path / "pair.safetensors"
+    save_safetensors({f"{b}.{k}": v for b, net in nets.items() for k, v in net.state_dict().items()}, path)
+    for branch, source_net in nets.items():
+        net = small_net(seed=9)
+        summary = load_initial_weights(net, path, branch)
+        assert "skipped 0 (heads)" in summary
+        for name, tensor in net.state_dict().items():
+            assert torch.equal(tensor, source_net.state_dict()[name]), (branch, name)
+    with pytest.raises(ValueError, match="no branch 'c'"):
+        load_initial_weights(small_net(seed=9), path, "c")
+
+
+def test_heads_of_another_class_count_stay_fresh(tmp_path, source):
+    path = tmp_path / "released.safetensors"
+    save_safetensors(source, path)  # 105 classes
+    net = small_net(seed=3)
+    fresh = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("seg_outputs.")}
+    report = load_pretrained(net, path, heads=True)
+    assert report.skipped and all(torch.equal(net.state_dict()[k], v) for k, v in fresh.items())

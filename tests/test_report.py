@@ -111,7 +111,7 @@ def _federation(tmp_path: Path, log: list[str]) -> Federation:
 
 def _run_rounds(federation: Federation, entries: list[dict]) -> dict:
     plans = default_test_plans()
-    state, aggregator = ServerState(), PairAggregator("labeled", 0.0)
+    state, aggregator = ServerState(), PairAggregator(federation.config, num_train_nodes=2)
     for entry in entries:
         current = {"a.w": np.full(3, entry["round"], np.float32), "b.w": np.zeros(3, np.float32)}
         federation._checkpoint(entry["round"], current, plans, entry, state, aggregator)

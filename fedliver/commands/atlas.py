@@ -1,4 +1,5 @@
-"""`fedliver atlas OUT`: an ATLAS-like public pretraining set (nnU-Net raw layout)."""
+"""`fedliver atlas OUT`: an ATLAS-like public pretraining set (nnU-Net raw layout), optionally
+multi-sequence (`--sequences T1CE,T1,T2,DWI`, as CHAOS / AMOS-MRI gather)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cases", type=int, default=8, help="number of cases (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--profile", choices=("demo", "full"), default="demo", help="grid size (default: demo)")
+    p.add_argument("--sequences", default="T1CE",
+                   help="comma-separated sequences per subject, of T1CE, T1, T2, DWI (default: T1CE, the "
+                        "ATLAS-like set); more than T1CE writes ms<NNN><seq>_<CCCC>.nii.gz, one case per "
+                        "subject and sequence")
     p.set_defaults(run=run)
 
 
@@ -27,7 +32,12 @@ def run(args: argparse.Namespace) -> int:
     if args.cases < 1:
         print("--cases must be >= 1", file=sys.stderr)
         return 2
-    out = generate_atlas_tree(args.out, args.cases, args.seed, args.profile)
-    print(f"ATLAS-like set: {args.cases} cases in {out} (imagesTr/, labelsTr/, dataset.json; "
-          f"labels 0 background, 1 liver, 2 tumor)")
+    sequences = [q.strip() for q in args.sequences.split(",") if q.strip()]
+    try:
+        out = generate_atlas_tree(args.out, args.cases, args.seed, args.profile, sequences)
+    except ValueError as e:
+        print(f"--sequences: {e}", file=sys.stderr)
+        return 2
+    print(f"public set: {args.cases} subjects x {', '.join(sequences)} in {out} (imagesTr/, labelsTr/, "
+          f"dataset.json; labels 0 background, 1 liver, 2 tumor)")
     return 0

@@ -63,7 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="'largest-component' keeps the largest liver component in every phase, 'none' the "
                              "raw argmax (default 'model': what MODEL_DIR's info.json says, for the phases it "
                              "names; 'none' if it says nothing)")
-    parser.add_argument("--device", default="cpu", help="torch device for the nets, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own choice, usually every core)")
     parser.set_defaults(run=run)
@@ -145,6 +146,13 @@ def run(args: argparse.Namespace) -> int:
     from common.inference import predict_image
     from common.model_dir import ModelDirError, load_model_dir
 
+    from common.device import resolve_device
+
+    try:  # a GPU this machine does not have: one line, before the model is read
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"--device: {e}", file=sys.stderr)
+        return 2
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     try:
@@ -152,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         names = sorted(bundle.branches) if args.branch in (None, "both") else [args.branch]
         if args.branch == "both" and len(names) < 2:
             raise ModelDirError(f"{args.model}: --branch both needs two branches, the model has {names}")
-        nets = bundle.build_nets(names, device=args.device)
+        nets = bundle.build_nets(names, device=device)
         postprocessing = Postprocessing.from_info(
             bundle.info.get("postprocessing") if args.postprocessing == "model" else args.postprocessing)
     except Exception as e:  # tampered dir, weights that do not fit the plans, an unusable --device
@@ -170,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     print(f"predicting {len(jobs)} volume(s) with branch(es) {'+'.join(names)}"
-          f"{' and mirroring' if args.mirror else ''}, postprocessing {postprocessing}, on {args.device}; "
+          f"{' and mirroring' if args.mirror else ''}, postprocessing {postprocessing}, on {device}; "
           f"{torch.get_num_threads()} CPU thread(s)",
           flush=True)
     failed = len(failures)

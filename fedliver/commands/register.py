@@ -4,7 +4,8 @@ Registers the sites' public keys (`sites/<SITE>/<site>.pub` under the output fol
 `fedliver certs`) with a running SuperLink that has node authentication on. Writes the TLS
 connection "fedliver" into <state>/cli-home/config.toml (the same folder `fedliver superlink
 --state` uses), then runs `flwr supernode register` per site. A key registered before is
-reported, not an error. Exit status 1 when any registration failed.
+reported, not an error. Exit status 1 when any registration failed. The node id each site got
+is recorded in <state>/sites.json, so that `fedliver status` names the sites that are online.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from deploy.launch import (
         connection_toml, register_command, register_sites, write_connection_config,
     )
+    from deploy.status import record_registrations
 
     layout = CertLayout(args.certs.expanduser().resolve())
     ca = layout.ca_cert if layout.ca_cert.is_file() else layout.server_ca
@@ -55,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     path = write_connection_config(home, args.superlink, ca)
     print(f"connection 'fedliver' -> {args.superlink} written to {path}")
     failed = 0
-    for result in register_sites(layout, sites, home):
+    results = register_sites(layout, sites, home)
+    record_registrations(home.parent, results, {site: layout.site_pub(site) for site in sites})
+    for result in results:
         if result.node_id is not None:
             print(f"{result.site}: registered, node id {result.node_id}")
         elif result.already:
@@ -63,5 +67,5 @@ def run(args: argparse.Namespace) -> int:
         else:
             failed += 1
             print(f"{result.site}: {result.message}", file=sys.stderr)
-    print(f"check with: FLWR_HOME={home} flwr supernode list fedliver")
+    print(f"check with: fedliver status --state {home.parent}")
     return 1 if failed else 0

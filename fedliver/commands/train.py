@@ -90,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="supervised pretraining on every labeled volume (ATLAS-like nnU-Net raw set)")
     parser.add_argument("--init", type=Path, default=None, metavar="PRETRAINED",
                         help="initial body weights for both nets: a MODEL_DIR (branch a) or .pth/.model/.safetensors "
-                             "(default: the shipped ATLAS-like pretraining for the CPU net, --size T --base-width 4, "
+                             "(default: the shipped pretraining, stunet_T4_multiseq, for the CPU net, --size T --base-width 4, "
                              "as the demo; else random; 'none': random)")
     parser.add_argument("--iterations", type=int, default=200, help="training iterations (default 200)")
     parser.add_argument("--size", default="T", choices=("T", "S", "B", "L", "H"), help="STU-Net size (default T)")
@@ -128,7 +128,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--agreement-volumes", type=int, default=1,
                         help="unlabeled volumes per phase for the branch agreement signal (0: skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (a CUDA GPU when there is one, with fp16 mixed precision; else the CPU), "
+                             "cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--log-every", type=int, default=10, help="progress line every N iterations")
     parser.add_argument("--postprocessing", choices=METHODS, default="largest-component",
                         help="what `fedliver predict` applies with this model by default (stored in info.json)")
@@ -151,6 +153,14 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
+    from common.device import describe, resolve_device
+
+    try:  # before any data is read: a missing GPU is one line, not a CUDA traceback later
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"--device: {e}", file=sys.stderr)
+        return 2
+    print(f"device: {describe(device)}")
     from client.site import SiteData, SiteIdentity
     from common.discovery import index_dataset
     from common.fingerprint import compute_site_fingerprint, merge_fingerprints
@@ -251,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
                            cps_loss=args.cps_loss, cps_confidence=args.cps_confidence, cps_gate=args.cps_gate,
                            balance_phases=args.balance_phases, label_transfer=label_transfer_from_args(args),
                            seed=args.seed, log_every=args.log_every,
-                           pretrained=str(args.init.resolve()) if args.init else None, device=args.device)
+                           pretrained=str(args.init.resolve()) if args.init else None, device=str(device))
     try:
         trainer = CPSTrainer(plans, labeled, unlabeled, config, validation=validation, log=print)
     except (ValueError, FileNotFoundError) as e:
@@ -284,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
         "label_transfer": config.label_transfer.to_dict(),
         "unlabeled_phases": list(unlabeled_phases),
         "seed": args.seed,
+        "device": str(device),
         "postprocessing": Postprocessing.parse(args.postprocessing, args.postprocessing_phases).to_info(),
         "init": str(args.init.resolve()) if args.init else None,
         "num_labeled": len(labeled),

@@ -1,11 +1,14 @@
-"""Local training cost: seconds per iteration and peak RSS, supervised vs CPS, at the demo configuration.
+"""Local training cost: seconds per iteration and peak memory, supervised vs CPS, at the demo configuration.
 
     python -m simulations.benchmarks.bench_trainer [--size T] [--width 4] [--patch 32,64,64] [--batch 2] [--unlabeled-batch 1]
+    python -m simulations.benchmarks.bench_trainer --device cuda --size B --patch 128,128,128   # a GPU site
 
 One iteration = the whole `CPSTrainer` step: both nets forward + backward + SGD step, with nnU-Net
 augmentation prepared by the background prefetcher (its waiting time is reported separately).
 Supervised: both nets on the labeled batch. CPS: both nets on labeled + unlabeled batch (2x the
 samples) plus the cross terms. Each mode runs in its own subprocess, so its peak RSS is its own.
+On CUDA (`--device auto` finds it) the trainer runs as a GPU site does, fp16 autocast with a
+GradScaler (`--autocast`), and the peak is torch.cuda.max_memory_allocated over the timed iterations.
 Timings are only meaningful on an otherwise idle machine: the load average is printed with them.
 """
 from __future__ import annotations
@@ -54,19 +57,22 @@ def _volumes(root: Path, plans: dict, shape: tuple[int, int, int], cases: int = 
 
 def measure(mode: str, size: str, width: int | None, patch: tuple[int, int, int], batch: int, threads: int, iterations: int,
             prefetch: int, spacing: tuple[float, float, float], channels_last: bool | None,
-            unlabeled_batch: int | None) -> dict:
+            unlabeled_batch: int | None, device: str = "auto", autocast: str = "auto") -> dict:
     import torch
 
     from client.trainer import CPSTrainer, TrainerConfig
+    from common.device import describe, resolve_device
     from common.planning import default_test_plans
 
     torch.set_num_threads(threads)
+    resolved = resolve_device(device)
     plans = default_test_plans(patch, spacing=spacing, size=size, base_width=width)
     shape = tuple(2 * p for p in patch)
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
         labeled, unlabeled = _volumes(Path(tmp), plans, shape)
         config = TrainerConfig(mode=mode, batch_size=batch, seed=0, prefetch=prefetch, log_every=0,
-                               channels_last_convs=channels_last, unlabeled_batch_size=unlabeled_batch)
+                               channels_last_convs=channels_last, unlabeled_batch_size=unlabeled_batch,
+                               device=str(resolved), autocast=autocast)
         trainer = CPSTrainer(plans, labeled, unlabeled, config, log=lambda _: None)
         trainer.train(1)  # warm-up: allocator, oneDNN kernels, first volume loads
         stats = trainer.train(iterations, start_iteration=1, total_iterations=iterations + 1)
@@ -77,14 +83,17 @@ def measure(mode: str, size: str, width: int | None, patch: tuple[int, int, int]
             "unlabeled_batch": (unlabeled_batch or batch) if mode == "cps" else 0, "threads": threads,
             "s_per_iter": round(stats.seconds_per_iteration, 3),
             "data_wait_s": round(stats.data_wait_per_iteration, 3),
-            "peak_rss_MiB": round(stats.peak_memory_mib)}
+            "peak_rss_MiB": round(stats.peak_memory_mib), "device": describe(resolved),
+            "autocast": str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "off",
+            "peak_gpu_MiB": round(stats.peak_gpu_memory_mib) if resolved.type == "cuda" else None}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="T", help="STU-Net size (T, S, B, L, H)")
-    parser.add_argument("--width", type=int, default=4,
-                        help="base width (channels of the first stage; the demo's net-width, 0: the size's own)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="base width (channels of the first stage; default: the demo's 4 for T, the size's "
+                             "own for S/B/L/H; 0: the size's own)")
     parser.add_argument("--patch", default="32,64,64", help="z,y,x")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--unlabeled-batch", type=int, default=1, help="CPS unlabeled samples (the demo's: 1)")
@@ -97,8 +106,20 @@ def main(argv: list[str] | None = None) -> int:
                              "it decides the strides, hence the cost)")
     parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                         help="channels-last 3x3x3 convs (auto: on for CPU)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--autocast", default="auto", choices=("auto", "off", "fp16", "bf16"),
+                        help="mixed precision (auto: fp16 on CUDA, off on the CPU)")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.width is None:
+        args.width = 4 if args.size == "T" else 0
+    from common.device import resolve_device
+
+    try:  # a missing GPU: one line here, not a traceback per child
+        resolve_device(args.device)
+    except ValueError as e:
+        print(f"--device: {e}", file=sys.stderr)
+        return 2
     patch = tuple(int(v) for v in args.patch.split(","))
     spacing = tuple(float(v) for v in args.spacing.split(","))
     channels_last = {"auto": None, "on": True, "off": False}[args.channels_last]
@@ -106,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.single:  # child process: one mode, one JSON line
         print(json.dumps(measure(modes[0], args.size, args.width or None, patch, args.batch, args.threads, args.iterations,
-                                 args.prefetch, spacing, channels_last, args.unlabeled_batch)))
+                                 args.prefetch, spacing, channels_last, args.unlabeled_batch, args.device,
+                                 args.autocast)))
         return 0
     # Busy-waiting OpenMP threads collapse when other processes share the cores (seen: 23 s/it
     # instead of 3); the children inherit this unless the caller chose otherwise.
@@ -118,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "simulations.benchmarks.bench_trainer", "--single", "--modes", mode,
                "--size", args.size, "--width", str(args.width), "--patch", args.patch, "--batch", str(args.batch),
                "--threads", str(args.threads), "--iterations", str(args.iterations), "--prefetch", str(args.prefetch),
-               "--spacing", args.spacing, "--channels-last", args.channels_last]
+               "--spacing", args.spacing, "--channels-last", args.channels_last, "--device", args.device,
+               "--autocast", args.autocast]
         if args.unlabeled_batch:
             cmd += ["--unlabeled-batch", str(args.unlabeled_batch)]
         started = time.perf_counter()
@@ -128,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
         r = results[mode]
-        print(f"{mode:>10}: {r['s_per_iter']:.3f} s/it (data wait {r['data_wait_s']:.3f}), peak {r['peak_rss_MiB']} MiB "
-              f"| STU-Net {r['size']} {r['widths']} strides {r['strides']}, patch {r['patch']}, batch {r['batch']}+{r['unlabeled_batch']}, {r['threads']} threads "
+        peak = (f"peak GPU {r['peak_gpu_MiB']} MiB (torch.cuda.max_memory_allocated), RSS {r['peak_rss_MiB']} MiB"
+                if r["peak_gpu_MiB"] is not None else f"peak {r['peak_rss_MiB']} MiB")
+        print(f"{mode:>10}: {r['s_per_iter']:.3f} s/it (data wait {r['data_wait_s']:.3f}), {peak} "
+              f"| {r['device']}, autocast {r['autocast']} | STU-Net {r['size']} {r['widths']} strides {r['strides']}, patch {r['patch']}, batch {r['batch']}+{r['unlabeled_batch']}, {r['threads']} threads "
               f"| {time.perf_counter() - started:.0f} s wall")
     if "supervised" in results and "cps" in results:
         ratio = results["cps"]["s_per_iter"] / results["supervised"]["s_per_iter"]

@@ -1,14 +1,19 @@
-"""What one federated round costs on the network, and what the fp16 transport does to the model.
+"""What one federated round costs on the network, and what fp16 / int8 transport does to the model.
 
     python -m simulations.benchmarks.bench_transport [--sizes T:4,B] [--model-dir DIR] [--volumes 3]
 
-1. Bytes per round per training site for the CPS pair (both branches), fp32 and fp16
-   (`common.weights.to_arrayrecord(..., fp16=True)`): the array payload (`record_nbytes`, what the
-   ServerApp logs as "bytes") and the message as Flower 1.42 puts it on the wire: every object of
-   the content-addressed tree (records, arrays, 5 MiB array chunks) deflated with Flower's own
-   `deflate()`, counted once per object id, as the SuperNode pushes them. Server -> site carries the
-   same arrays plus the round's config (plans JSON); TLS/HTTP framing is not included.
-2. The fp16 round trip of a model's weights (max / relative error, values that flush to zero).
+1. Bytes per round per training site for the CPS pair (both branches), fp32, fp16
+   (`common.weights.to_arrayrecord(..., fp16=True)`) and int8 deltas (run config `int8-updates`,
+   `common.quantization.encode_int8_delta`: the site's update only; the server still sends fp32 or
+   fp16): the array payload (`record_nbytes`, what the ServerApp logs as "bytes") and the message
+   as Flower 1.42 puts it on the wire: every object of the content-addressed tree (records, arrays,
+   5 MiB array chunks) deflated with Flower's own `deflate()`, counted once per object id, as the
+   SuperNode pushes them. Server -> site carries the same arrays plus the round's config (plans
+   JSON); TLS/HTTP framing is not included. The last lines give both ratios of the reply,
+   fp16/fp32 and int8/fp32 (target of int8: <= 0.25).
+2. The fp16 round trip of a model's weights (max / relative error, values that flush to zero), and
+   the int8 round trip of a synthetic update (N(0, 1e-3) per weight): error per tensor against
+   half its quantisation step.
 3. If a trained MODEL_DIR exists (default runs/demo/checkpoints/best): Dice of the pair's
    predictions on phantom volumes with the original and the fp16-round-tripped weights
    (`common.inference.predict_image`, `common.metrics.dice`). Nothing is trained here.
@@ -54,23 +59,31 @@ def pair_of(size: str, width: int | None) -> dict[str, np.ndarray]:
 def transport_rows(size: str, width: int | None) -> list[dict]:
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+    from common.quantization import encode_int8_delta
     from common.weights import record_nbytes, to_arrayrecord
 
     flat = pair_of(size, width)
     params = sum(a.size for a in flat.values())
+    trained = synthetic_update(flat)
     # The round config carries the plans JSON (a few KB); the reply a handful of metrics.
     config = ConfigRecord({"plans-json": "x" * 6000, "plans-sha256": "0" * 64, "server-round": 1})
     rows = []
-    for fp16 in (False, True):
-        arrays = to_arrayrecord(flat, fp16=fp16)
+    for dtype in ("fp32", "fp16", "int8"):
+        arrays = encode_int8_delta(trained, flat) if dtype == "int8" else to_arrayrecord(trained, fp16=dtype == "fp16")
         reply = RecordDict({"arrays": arrays, "metrics": MetricRecord({f"m{i}": 0.0 for i in range(12)}),
                             "plans": ConfigRecord({"sha256": "0" * 64})})
-        send, _ = wire_bytes(RecordDict({"arrays": to_arrayrecord(flat, fp16=fp16), "config": config}))
+        send, _ = wire_bytes(RecordDict({"arrays": to_arrayrecord(flat, fp16=dtype == "fp16"), "config": config}))
         back, objects = wire_bytes(reply)
         rows.append({"net": f"{size}{'' if width is None else f' w{width}'}", "params_M": params / 1e6,
-                     "dtype": "fp16" if fp16 else "fp32", "payload": record_nbytes(arrays),
+                     "dtype": dtype, "payload": record_nbytes(arrays),
                      "reply_wire": back, "objects": objects, "to_site_wire": send})
     return rows
+
+
+def synthetic_update(flat: dict[str, np.ndarray], std: float = 1e-3) -> dict[str, np.ndarray]:
+    """The pair after a round of local training, as far as bytes and rounding go: N(0, std) per weight."""
+    rng = np.random.default_rng(0)
+    return {k: (v + rng.normal(0.0, std, v.shape)).astype(np.float32) for k, v in flat.items()}
 
 
 def mib(n: float) -> str:
@@ -80,18 +93,22 @@ def mib(n: float) -> str:
 def print_transport(rows: list[dict]) -> None:
     print("bytes per round per training site (CPS pair = both branches; MiB = 2^20 bytes)")
     print(f"{'net':<8}{'pair params':>13}{'dtype':>6}{'payload MiB':>13}{'reply wire':>12}{'objects':>9}"
-          f"{'to site wire':>14}{'fp16/fp32':>11}")
-    fp32 = {}
+          f"{'to site wire':>14}{'reply/fp32':>12}")
+    fp32, ratios = {}, {}
     for row in rows:
         ratio = ""
         if row["dtype"] == "fp32":
             fp32[row["net"]] = row["reply_wire"]
         else:
-            ratio = f"{row['reply_wire'] / fp32[row['net']]:.3f}"
+            ratios[(row["net"], row["dtype"])] = row["reply_wire"] / fp32[row["net"]]
+            ratio = f"{ratios[(row['net'], row['dtype'])]:.3f}"
         print(f"{row['net']:<8}{row['params_M']:>12.2f}M{row['dtype']:>6}{mib(row['payload']):>13}"
-              f"{mib(row['reply_wire']):>12}{row['objects']:>9}{mib(row['to_site_wire']):>14}{ratio:>11}")
+              f"{mib(row['reply_wire']):>12}{row['objects']:>9}{mib(row['to_site_wire']):>14}{ratio:>12}")
     print("per round a training site receives the pair once for training and once for evaluation "
-          "(the evaluate message always carries fp32), and sends it back once.")
+          "(fp16 with fp16-transport, else fp32; int8 is for the site's update only), and sends it back once.")
+    for net in fp32:
+        print(f"{net}: reply bytes on the wire fp16/fp32 = {ratios[(net, 'fp16')]:.4f}, "
+              f"int8/fp32 = {ratios[(net, 'int8')]:.4f} (int8 target <= 0.25)")
 
 
 def roundtrip(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -110,6 +127,26 @@ def print_roundtrip_error(flat: dict[str, np.ndarray], label: str) -> None:
           f"relative L2 error {np.linalg.norm(a - b) / np.linalg.norm(a):.3g}, "
           f"max relative error (|w| >= 1e-4) {(err / np.maximum(np.abs(a), 1e-4)).max():.3g}, "
           f"{flushed} nonzero values flushed to 0, |w| max {np.abs(a).max():.3g} (fp16 max 65504)")
+
+
+def print_int8_error(flat: dict[str, np.ndarray], label: str) -> None:
+    from common.quantization import decode_int8_delta, dequantize_int8, encode_int8_delta, quantize_int8
+
+    trained = synthetic_update(flat)
+    decoded = decode_int8_delta(encode_int8_delta(trained, flat), flat)
+    codec, model, delta_sq, error_sq = 0.0, 0.0, 0.0, 0.0
+    for key, value in flat.items():
+        delta = trained[key] - value
+        q, scale = quantize_int8(delta)
+        if not scale:
+            continue
+        codec = max(codec, float(np.abs(dequantize_int8(q, scale) - delta).max() / scale))
+        error = decoded[key].astype(np.float64) - trained[key]
+        model = max(model, float(np.abs(error).max() / scale))
+        delta_sq, error_sq = delta_sq + float(np.sum(delta.astype(np.float64) ** 2)), error_sq + float(np.sum(error ** 2))
+    print(f"int8 round trip of an update of {label} (N(0, 1e-3) per weight): max |err| of the delta "
+          f"{codec:.4f} of its tensor's step (bound 0.5), of the decoded weights {model:.4f} (plus float32 "
+          f"rounding of weight + delta); relative L2 error of the update {np.sqrt(error_sq / delta_sq):.3g}")
 
 
 def dice_effect(model_dir: Path, volumes: int, step: float) -> None:
@@ -166,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(rows, indent=1))
 
     print()
+    print_int8_error(pair_of("T", 4), "a T w4 pair")
     if (args.model_dir / "model.safetensors").is_file():
         dice_effect(args.model_dir, args.volumes, args.step)
     else:

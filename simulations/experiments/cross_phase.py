@@ -7,7 +7,8 @@ budget and one seed per comparison. Every arm is a pooled `fedliver train` run o
 (each a subprocess with its own log), then `fedliver predict` + `fedliver evaluate` on held-out
 C (every case) and on the training centres' test split (in-distribution): per phase Dice mean, sd
 and n. Arms: technique (none = nnU-Net's augmentation only, each technique alone, the combination)
-x mode (supervised-only, CPS) x initial weights (today's plain pretraining, the label-transfer one);
+x mode (supervised-only, CPS) x initial weights (the plain ATLAS-like pretraining, the label-transfer
+one, the multi-sequence public one: `simulations/pretrain.py`);
 then one arm declared in advance (--followup) again with a second seed, and federated (FedAvg, the same site-iterations).
 Writes OUT/results.csv (one row per arm, group and phase), OUT/table.md and OUT/cross_phase.png.
 Finished arms are kept (OUT/arms/<name>/scores.json), so a rerun only runs what is missing.
@@ -30,7 +31,8 @@ from common.label_transfer_config import LabelTransferConfig
 REPO = Path(__file__).resolve().parents[2]
 PRETRAINED = REPO / "simulations" / "pretrained"
 INITS = {"plain": PRETRAINED / "stunet_T4_atlas.safetensors",
-         "label-transfer": PRETRAINED / "stunet_T4_atlas_lt.safetensors"}
+         "label-transfer": PRETRAINED / "stunet_T4_atlas_lt.safetensors",
+         "multi-sequence": PRETRAINED / "stunet_T4_multiseq.safetensors"}
 COMBINATION = LabelTransferConfig(location_scale=0.5, non_contrast=0.25, random_conv=0.25, transpose=0.5)
 
 
@@ -286,13 +288,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads per pooled run (1: run two invocations side by side on 2 cores)")
     parser.add_argument("--techniques", default=",".join(TECHNIQUES))
     parser.add_argument("--modes", default="supervised,cps")
-    parser.add_argument("--inits", default="plain,label-transfer")
+    parser.add_argument("--inits", default="plain,multi-sequence")
     parser.add_argument("--cases", type=int, default=12, help="cases per centre (held-out C: all test cases)")
     parser.add_argument("--labeled", type=int, default=4)
     parser.add_argument("--test-cases", type=int, default=3)
     parser.add_argument("--validation-cases", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="phantom and training seed")
-    parser.add_argument("--followup", default="combination+propagation,cps,label-transfer", metavar="TECHNIQUE,MODE,INIT",
+    parser.add_argument("--followup", default="propagation,cps,multi-sequence", metavar="TECHNIQUE,MODE,INIT",
                         help="the arm run again with a second seed and federated (default: the method's own)")
     parser.add_argument("--no-followups", action="store_true", help="skip the second seed and the federated run")
     args = parser.parse_args(argv)
