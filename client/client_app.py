@@ -126,11 +126,11 @@ def central_dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCal
 
 
 def simulated_adversary_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Run config `adversarial-sites`, honoured on simulation nodes only (simulations/adversarial.py);
+    """Run config `adversarial-sites`, honoured on simulation nodes only (client/adversarial.py);
     a deployed SuperNode names its site in node_config and never gets here."""
     if "site" in ctxt.node_config or not str(ctxt.run_config.get("adversarial-sites", "")).strip():
         return call_next(msg, ctxt)
-    from simulations.adversarial import adversarial_mod
+    from client.adversarial import adversarial_mod
 
     return adversarial_mod(msg, ctxt, call_next)
 

@@ -1,6 +1,6 @@
 """How the server aggregates, what protects the updates, and how they travel: the run-config keys
 behind `server/strategy.py` (Flower's strategies and DP wrappers), `common/quantization.py` (int8
-updates) and `simulations/adversarial.py` (hostile sites, simulation only).
+updates) and `client/adversarial.py` (hostile sites, simulation only).
 
 Torch-free and Flower-free, so the command line, the run settings check and both apps read it cheaply.
 FedAvg weighting (`weighted-by`), FedProx's `proximal-mu` and FedAvgM's `server-momentum` stay in

@@ -26,7 +26,9 @@ The preprocessing and the net are the same bit for bit; the decision rule is not
 averages (over tiles and folds) and resamples to the raw grid *logits*, `fedliver predict` softmax
 probabilities. Boundary voxels move: on phantoms, per-volume Dice 0.988-0.990 and voxel agreement
 0.998 between the two (tests/test_nnunet_export.py). nnU-Net does not apply MODEL_DIR's
-postprocessing (largest component): fedliver_export.json records it.
+postprocessing (largest component): fedliver_export.json records it. With `ensemble="softmax"` the
+pair is one net in fold_0 (`common.stunet.STUNetEnsemble`: the mean of the branches' softmaxes, fedliver's rule):
+Dice 0.9999 per volume to `fedliver predict` in the same test.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from common.planning import CONFIGURATION, DATASET_JSON
 from common.postprocessing import Postprocessing
 
 STUNET_CLASS = "common.stunet.STUNet"
+ENSEMBLE_CLASS = "common.stunet.STUNetEnsemble"
+ENSEMBLES = ("folds", "softmax")
 CHECKPOINT_NAME = "checkpoint_final.pth"
 PROVENANCE_FILE = "fedliver_export.json"
 
@@ -64,6 +68,13 @@ class ExportConfig:
     # `fedliver predict --mirror` flips every axis; nnU-Net mirrors these when TTA is on (its default).
     mirroring_axes: tuple[int, ...] = (0, 1, 2)
     overwrite: bool = False                        # replace OUT if it is an earlier export (has PROVENANCE_FILE)
+    # "folds": one fold per branch (nnU-Net averages their logits); "softmax": fold_0 holds the pair as
+    # one net returning the mean softmax, fedliver predict's rule (Dice >= 0.99 to it per volume).
+    ensemble: str = "folds"
+
+    def __post_init__(self) -> None:
+        if self.ensemble not in ENSEMBLES:
+            raise ExportError(f"ensemble {self.ensemble!r}: use one of {', '.join(ENSEMBLES)}")
 
 
 @dataclass
@@ -118,7 +129,8 @@ def nnunet_dataset_json(plans: dict, num_training: int = 0) -> dict:
     }
 
 
-def _check_network(plans: dict, dataset_json: dict, bundle: ModelBundle, branches: Sequence[str]) -> None:
+def _check_network(plans: dict, dataset_json: dict, states: dict[str, dict[str, torch.Tensor]],
+                   bundle: ModelBundle) -> None:
     """Build the net the way nnU-Net will (get_network_from_plans) and check every branch fits it.
 
     Built on the meta device: only names and shapes matter, nothing is allocated.
@@ -141,8 +153,7 @@ def _check_network(plans: dict, dataset_json: dict, bundle: ModelBundle, branche
         raise ExportError(f"{where}: nnU-Net cannot build {arch['network_class_name']} from its "
                           f"arch_kwargs ({' '.join(str(e).split())})") from None
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    for name in branches:
-        state = bundle.branches[name]
+    for name, state in states.items():
         got = {k: tuple(v.shape) for k, v in state.items()}
         if got != expected:
             missing = sorted(set(expected) - set(got))
@@ -222,7 +233,14 @@ def export_nnunet(model_dir: Path, out: Path, config: ExportConfig | None = None
     plans = nnunet_plans(bundle.plans, bundle._where("plans.json"))
     num_labeled = bundle.info.get("num_labeled")
     dataset_json = nnunet_dataset_json(plans, num_labeled if isinstance(num_labeled, int) else 0)
-    _check_network(plans, dataset_json, bundle, branches)
+    if config.ensemble == "softmax":
+        if branches != ["a", "b"]:
+            raise ExportError(f"--ensemble softmax exports the pair a, b as one net (got {', '.join(branches)})")
+        plans["configurations"][CONFIGURATION]["architecture"]["network_class_name"] = ENSEMBLE_CLASS
+        states = {"a+b": {f"{b}.{k}": v for b in branches for k, v in bundle.branches[b].items()}}
+    else:
+        states = {name: bundle.branches[name] for name in branches}
+    _check_network(plans, dataset_json, states, bundle)
     if config.trainer_name != "nnUNetTrainer":  # the default is nnU-Net's own; others must be findable
         from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
@@ -236,7 +254,7 @@ def export_nnunet(model_dir: Path, out: Path, config: ExportConfig | None = None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # not mkdtemp: its 0700 mode would be the export's
-    folds = {k: name for k, name in enumerate(branches)}
+    folds = {k: name for k, name in enumerate(states)}
     notes = []
     try:
         postprocessing = str(Postprocessing.from_info(bundle.info.get("postprocessing")))
@@ -252,7 +270,7 @@ def export_nnunet(model_dir: Path, out: Path, config: ExportConfig | None = None
         for fold, name in folds.items():
             folder = tmp / f"fold_{fold}"
             folder.mkdir()
-            torch.save(_checkpoint(bundle.branches[name], plans, dataset_json, fold, config), folder / CHECKPOINT_NAME)
+            torch.save(_checkpoint(states[name], plans, dataset_json, fold, config), folder / CHECKPOINT_NAME)
             digests[f"fold_{fold}/{CHECKPOINT_NAME}"] = sha256_file(folder / CHECKPOINT_NAME)
         _write_json(tmp / PROVENANCE_FILE, {
             "exported_from": str(model_dir.resolve()),
@@ -262,7 +280,9 @@ def export_nnunet(model_dir: Path, out: Path, config: ExportConfig | None = None
             "configuration": CONFIGURATION,
             "checkpoints_sha256": digests,
             "postprocessing_not_applied_by_nnunet": postprocessing,
-            "ensembling": "nnU-Net averages the folds' logits; fedliver predict averages the branches' softmaxes",
+            "ensembling": ("fold 0 is the pair, returning the mean of its softmaxes: fedliver predict's rule"
+                           if config.ensemble == "softmax" else
+                           "nnU-Net averages the folds' logits; fedliver predict averages the branches' softmaxes"),
         })
         _place(tmp, out, config.overwrite)
     except BaseException:

@@ -169,6 +169,23 @@ class STUNet(nn.Module):
         return outputs[::-1] if self.deep_supervision else outputs[-1]
 
 
+
+class STUNetEnsemble(nn.Module):
+    """The CPS pair as one net (`a.*`, `b.*`, as a MODEL_DIR stores it) for nnU-Net's predictor: it
+    returns the mean of both branches' softmaxes. nnU-Net blends tiles, resamples and takes the argmax
+    of whatever the net returns as it would logits; on probabilities that is `fedliver predict`'s own
+    rule (nnU-Net's fold ensemble averages logits instead). Built by nnU-Net from plans whose
+    `network_class_name` names it (`fedliver export-nnunet --ensemble softmax`)."""
+
+    def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, **arch_kwargs) -> None:
+        super().__init__()
+        # Inference only: one full-resolution output per branch, whatever nnU-Net asks for.
+        self.a = STUNet(input_channels, num_classes, deep_supervision=False, **arch_kwargs)
+        self.b = STUNet(input_channels, num_classes, deep_supervision=False, **arch_kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (torch.softmax(self.a(x).float(), 1) + torch.softmax(self.b(x).float(), 1)) / 2
+
 def build_stunet(size: str = "S", in_channels: int = 1, num_classes: int = 2,
                  strides: Sequence[Sequence[int]] | None = None, base_width: int | None = None,
                  deep_supervision: bool = True, device: torch.device | str | None = None) -> STUNet:

@@ -322,7 +322,7 @@ def parse_register_output(site: str, stdout: str, stderr: str = "") -> Registrat
 
 def run_command(command: Command, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(command.argv), env=command.full_env(), cwd=command.cwd,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, check=False)
 
 
 def register_sites(layout: CertLayout, sites: Sequence[str], flwr_home: Path,

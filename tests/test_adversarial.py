@@ -15,7 +15,7 @@ from common.aggregation_config import Adversary, parse_adversarial_sites
 from common.federation_config import FederationConfig
 from common.weights import from_arrayrecord, to_arrayrecord
 from server.strategy import NodeUpdate, PairAggregator
-from simulations.adversarial import corrupt_update
+from client.adversarial import corrupt_update
 
 SITES = "A:train,B1:train,B2:train,C:eval"
 

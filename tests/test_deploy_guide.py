@@ -200,7 +200,7 @@ class Shell:
 
     def run(self, name: str, script: str, cwd: Path, timeout: float = 300) -> str:
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=self.env,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+                              capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, check=False)
         output = done.stdout + done.stderr
         (self.root / "logs").mkdir(exist_ok=True)
         (self.root / "logs" / f"{name}.log").write_text(f"$ {script}\n{output}")
@@ -304,7 +304,7 @@ def test_guide_executes_on_loopback(tmp_path: Path) -> None:
         # `--wait` prints the ServerApp's log as it comes: B2 is named there while it waits.
         t0, lines = time.monotonic(), []
         proc = subprocess.Popen(["bash", "-c", adapt(the_block("submit"), at_state)], cwd=tmp_path,
-                                env=shell.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                env=shell.env, encoding="utf-8", errors="replace", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         reader = threading.Thread(target=lambda: lines.extend((time.monotonic() - t0, line) for line in proc.stdout))
         reader.start()
         try:

@@ -52,7 +52,7 @@ def help_flags() -> dict[str, set[str]]:
         "register": ["flwr", "supernode", "register"],
     }
     env = {**os.environ, **QUIET_ENV, "COLUMNS": "200"}
-    procs = {name: subprocess.Popen([flower_executable(argv[0]), *argv[1:], "--help"], text=True,
+    procs = {name: subprocess.Popen([flower_executable(argv[0]), *argv[1:], "--help"], encoding="utf-8", errors="replace",
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
              for name, argv in commands.items()}
     return _help_flags(procs)
@@ -527,7 +527,7 @@ def test_supernode_refuses_an_empty_folder_quickly(certs: CertLayout, tmp_path: 
             "--superlink", "127.0.0.1:9", "--ca", str(certs.site_ca("A")), "--key", str(certs.site_key("A")),
             "--state", str(tmp_path / "n")]
     started = time.monotonic()
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(argv, capture_output=True, encoding="utf-8", errors="replace", timeout=60, check=False)
     seconds = time.monotonic() - started
     assert done.returncode == 1 and done.stdout == ""
     (line,) = done.stderr.splitlines()

@@ -176,6 +176,40 @@ def test_nnunet_predictor_matches_fedliver_predict(setup, predictor, capsys):
     assert same_rule >= 0.99
 
 
+
+def test_softmax_ensemble_export_follows_fedliver_predict(setup, capsys):
+    """--ensemble softmax: fold_0 is the pair returning the mean of its softmaxes, fedliver's own rule."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from common.stunet import STUNetEnsemble
+    from fedliver.cli import main
+
+    root, model, _, inputs = setup
+    export, nn_out, fl_out = root / "export_softmax", root / "pred_nnunet_softmax", root / "pred_fedliver"
+    assert main(["export-nnunet", str(model), str(export), "--ensemble", "softmax"]) == 0
+    assert sorted(p.name for p in export.glob("fold_*")) == ["fold_0"]
+    p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, perform_everything_on_device=False,
+                        device=torch.device("cpu"), verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    p.initialize_from_trained_model_folder(str(export), use_folds=(0,), checkpoint_name=CHECKPOINT_NAME)
+    assert type(p.network) is STUNetEnsemble
+    nn_out.mkdir()
+    p.predict_from_files_sequential(str(inputs), str(nn_out), save_probabilities=False, overwrite=True)
+    if not fl_out.exists():
+        assert main(["predict", "-i", str(inputs), "-o", str(fl_out), "-m", str(model), "--postprocessing", "none",
+                     "--threads", "1"]) == 0
+    torch.set_num_threads(1)
+    figures = []
+    for case, phase in VOLUMES:
+        name = f"{case}_{phase}"
+        theirs, ours = _array(nn_out / f"{name}.nii.gz"), _array(fl_out / name / "GED4_pred.nii.gz")
+        figures.append((name, _dice(theirs, ours)))
+    with capsys.disabled():
+        print("\nnnU-Net (--ensemble softmax) vs fedliver predict, Dice: "
+              + "; ".join(f"{n} {d:.4f}" for n, d in figures))
+    assert all(dice >= 0.99 for _, dice in figures), figures
+    with pytest.raises(SystemExit):
+        main(["export-nnunet", str(model), str(root / "x"), "--ensemble", "mean"])
+
 def test_console_script_predicts_on_the_input_grid(setup):
     root, _, export, inputs = setup
     script = Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"

@@ -11,6 +11,10 @@ averages the branches' softmaxes, and does not apply MODEL_DIR's postprocessing,
 closely but not voxel for voxel. OUT/fedliver_export.json records the source and the fold mapping.
 The .pth files are pickles because nnU-Net's format demands it; fedliver never loads them.
 OUT must be absent or empty, or an earlier export (replaced with --force).
+
+--ensemble softmax writes the pair as one net in fold_0 instead (run it with `-f 0`): it returns the
+mean of both branches' softmaxes, `fedliver predict`'s own rule, so the two agree to
+Dice >= 0.99 per volume.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--trainer", default="nnUNetTrainer",
                         help="trainer_name in the checkpoints; nnU-Net builds the net with its "
                              "build_network_architecture (default nnUNetTrainer)")
+    parser.add_argument("--ensemble", choices=("folds", "softmax"), default="folds",
+                        help="folds: one fold per branch (nnU-Net averages logits; default); softmax: "
+                             "fold_0 = the pair returning the mean softmax, fedliver predict's rule")
     parser.add_argument("--force", action="store_true", help="replace OUT if it holds an earlier export")
     parser.set_defaults(run=run)
 
@@ -42,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from common.nnunet_export import ExportConfig, export_nnunet
 
     branches = [b.strip() for b in args.branches.split(",") if b.strip()] if args.branches else None
-    config = ExportConfig(branches=branches, trainer_name=args.trainer, overwrite=args.force)
+    config = ExportConfig(branches=branches, trainer_name=args.trainer, overwrite=args.force, ensemble=args.ensemble)
     try:
         result = export_nnunet(args.model, args.out, config)
     except Exception as e:  # ModelDirError / ExportError name the file; anything else still one line
