@@ -71,16 +71,38 @@ def setup(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def predictor(setup):
+def _nnunet_predictor(export: Path, folds: tuple[int, ...]):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    _, _, export, _ = setup
     # fedliver predict's defaults: step 0.5, Gaussian weighting, no mirroring.
     p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, perform_everything_on_device=False,
                         device=torch.device("cpu"), verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    p.initialize_from_trained_model_folder(str(export), use_folds=(0, 1), checkpoint_name=CHECKPOINT_NAME)
+    p.initialize_from_trained_model_folder(str(export), use_folds=folds, checkpoint_name=CHECKPOINT_NAME)
     return p
+
+
+def _fedliver_predictions(root: Path, model: Path, inputs: Path) -> Path:
+    """`fedliver predict` on the inputs (once per module), raw argmax."""
+    from fedliver.cli import main
+
+    out = root / "pred_fedliver"
+    if not out.exists():
+        assert main(["predict", "-i", str(inputs), "-o", str(out), "-m", str(model), "--postprocessing", "none",
+                     "--threads", "1"]) == 0
+        torch.set_num_threads(1)
+    return out
+
+
+def _prediction_pairs(nn_out: Path, fl_out: Path):
+    """(volume name, nnU-Net's mask, fedliver's mask) for every test volume."""
+    for case, phase in VOLUMES:
+        name = f"{case}_{phase}"
+        yield name, _array(nn_out / f"{name}.nii.gz"), _array(fl_out / name / "GED4_pred.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def predictor(setup):
+    return _nnunet_predictor(setup[2], (0, 1))
 
 
 def test_export_layout(setup):
@@ -129,21 +151,15 @@ def test_nnunet_builds_the_same_net_and_preprocessing(setup, predictor):
 def test_nnunet_predictor_matches_fedliver_predict(setup, predictor, capsys):
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
-    from fedliver.cli import main
-
     root, model, _, inputs = setup
-    nn_out, fl_out = root / "pred_nnunet", root / "pred_fedliver"
+    nn_out = root / "pred_nnunet"
     nn_out.mkdir()
     # nnU-Net's pipeline (preprocess, sliding window over both folds, export) without worker processes;
     # the console-script test below runs predict_from_files with its workers.
     predictor.predict_from_files_sequential(str(inputs), str(nn_out), save_probabilities=False, overwrite=True)
-    assert main(["predict", "-i", str(inputs), "-o", str(fl_out), "-m", str(model), "--postprocessing", "none",
-                 "--threads", "1"]) == 0
-    torch.set_num_threads(1)
+    fl_out = _fedliver_predictions(root, model, inputs)
     figures = []
-    for case, phase in VOLUMES:
-        name = f"{case}_{phase}"
-        theirs, ours = _array(nn_out / f"{name}.nii.gz"), _array(fl_out / name / "GED4_pred.nii.gz")
+    for name, theirs, ours in _prediction_pairs(nn_out, fl_out):
         assert theirs.shape == ours.shape
         assert min((theirs == 1).sum(), (ours == 1).sum()) > 1000  # a trained model: Dice is meaningful
         figures.append((name, _dice(theirs, ours), float((theirs == ours).mean())))
@@ -179,30 +195,19 @@ def test_nnunet_predictor_matches_fedliver_predict(setup, predictor, capsys):
 
 def test_softmax_ensemble_export_follows_fedliver_predict(setup, capsys):
     """--ensemble softmax: fold_0 is the pair returning the mean of its softmaxes, fedliver's own rule."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
     from common.stunet import STUNetEnsemble
     from fedliver.cli import main
 
     root, model, _, inputs = setup
-    export, nn_out, fl_out = root / "export_softmax", root / "pred_nnunet_softmax", root / "pred_fedliver"
+    export, nn_out = root / "export_softmax", root / "pred_nnunet_softmax"
     assert main(["export-nnunet", str(model), str(export), "--ensemble", "softmax"]) == 0
     assert sorted(p.name for p in export.glob("fold_*")) == ["fold_0"]
-    p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, perform_everything_on_device=False,
-                        device=torch.device("cpu"), verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    p.initialize_from_trained_model_folder(str(export), use_folds=(0,), checkpoint_name=CHECKPOINT_NAME)
+    p = _nnunet_predictor(export, (0,))
     assert type(p.network) is STUNetEnsemble
     nn_out.mkdir()
     p.predict_from_files_sequential(str(inputs), str(nn_out), save_probabilities=False, overwrite=True)
-    if not fl_out.exists():
-        assert main(["predict", "-i", str(inputs), "-o", str(fl_out), "-m", str(model), "--postprocessing", "none",
-                     "--threads", "1"]) == 0
-    torch.set_num_threads(1)
-    figures = []
-    for case, phase in VOLUMES:
-        name = f"{case}_{phase}"
-        theirs, ours = _array(nn_out / f"{name}.nii.gz"), _array(fl_out / name / "GED4_pred.nii.gz")
-        figures.append((name, _dice(theirs, ours)))
+    figures = [(name, _dice(theirs, ours))
+               for name, theirs, ours in _prediction_pairs(nn_out, _fedliver_predictions(root, model, inputs))]
     with capsys.disabled():
         print("\nnnU-Net (--ensemble softmax) vs fedliver predict, Dice: "
               + "; ".join(f"{n} {d:.4f}" for n, d in figures))
