@@ -37,9 +37,9 @@ def initial_weights(args: argparse.Namespace) -> Path | None:
         return None if str(args.init) == "none" else args.init.resolve()
     if args.pretrain or args.size != "T" or args.base_width != CPU_WIDTH:
         return None
-    from simulations.pretrain import DEFAULT_OUT
+    from common.federation_config import shipped_pretraining
 
-    return DEFAULT_OUT if DEFAULT_OUT.is_file() else None
+    return shipped_pretraining()  # the file init-weights "auto" finds: one lookup for both
 
 
 def _ints(text: str) -> tuple[int, int, int]:
