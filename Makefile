@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine with Python 3.11+: `make demo` and `make test`.
+# Two entry points for a fresh machine with Python 3.11+: `make demo` and `make test` (and `make bench`).
 # Each creates .venv and installs what it needs (pinned by constraints.txt) on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Every benchmark at the demo's and LiQA's size vs its baseline -> docs/benchmarks.md (BENCH_ARGS=--quick: a check)
+bench: $(STAMP)
+	$(PY) -m simulations.benchmarks.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -30,6 +30,7 @@ from client.site import SiteData, resolve_identity
 from client.trainer import CPSTrainer, TrainerConfig
 from common.device import describe, resolve_device
 from common.label_transfer_config import LabelTransferConfig
+from common.phases import parse_phase_list
 from common.fingerprint import FingerprintConfig, compute_site_fingerprint
 from common.planning import plans_hash
 from common.postprocessing import Postprocessing
@@ -245,7 +246,10 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     # Training cases are never scored: validation (selection only) and test (report only) stay apart.
     held_out = site.identity.role == "eval"
-    test = score(site.test_pairs() if held_out or bool(config.get("evaluate-test", True)) else [])
+    # Run config `evaluate-phases`: which phases' test cases are scored (validation is GED4 anyway).
+    phases = parse_phase_list(str(context.run_config.get("evaluate-phases", "*")), "evaluate-phases")
+    test_pairs = [(case, phase) for case, phase in site.test_pairs() if phases is None or phase in phases]
+    test = score(test_pairs if held_out or bool(config.get("evaluate-test", True)) else [])
     validation = score(site.validation_pairs())
     metrics = {**test.metrics(), **validation.metrics(VALIDATION_PREFIX),
                "problems": float(len(test.problems) + len(validation.problems))}

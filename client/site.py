@@ -39,11 +39,20 @@ class SiteIdentity:
         return SiteAssignment(self.site, self.role)
 
 
+def _resolved(path: Path) -> Path:
+    """`path` absolute, links resolved; only absolute when a link loops (Python 3.11 raises), so the
+    data check names the loop under the site's name instead of the handler failing here."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return path.absolute()
+
+
 def resolve_identity(node_config: Mapping[str, object], run_config: Mapping[str, object]) -> SiteIdentity:
     """The site behind this node, from node_config (deployment) or partition id (simulation)."""
     if "site" in node_config:
         site = str(node_config["site"])
-        data_dir = Path(str(node_config.get("data-dir", ""))).expanduser().resolve()
+        data_dir = _resolved(Path(str(node_config.get("data-dir", ""))).expanduser())
         cache_dir = Path(str(node_config.get("cache-dir", "") or data_dir.parent / f"fedliver-cache-{site}"))
         output_dir = Path(str(node_config.get("output-dir", "") or cache_dir / "outputs"))
         centers = str(node_config.get("centers", ""))
@@ -51,8 +60,8 @@ def resolve_identity(node_config: Mapping[str, object], run_config: Mapping[str,
             site=site,
             role=str(node_config.get("role", "train")),
             data_dir=data_dir,
-            cache_dir=cache_dir.resolve(),
-            output_dir=output_dir.resolve(),
+            cache_dir=_resolved(cache_dir),
+            output_dir=_resolved(output_dir),
             centers=tuple(c for c in centers.split(",") if c) or None,
         )
     config = FederationConfig.from_run_config(run_config)

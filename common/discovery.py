@@ -18,12 +18,19 @@ Label rule: the classes here are background and liver, so every non-background l
 dataset.json whose name contains "liver", "tumor"/"tumour" or "lesion" counts as liver
 (`Case.foreground_labels`; ATLAS gives (1, 2)). Other declared labels may occur in masks and count
 as background. Hidden files (".DS_Store") are skipped silently; any other unknown file is a problem.
+
+Links: a symbolic link is followed like the file or folder it names, except one that cannot be
+(a loop, a missing target) and a folder link to a folder that holds it (a cycle): each is one
+problem line and is skipped. Folders are never walked deeper than the layout says, so no link
+makes discovery hang.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -121,6 +128,8 @@ def _count(n: int, noun: str) -> str:
 def detect_layout(root: Path) -> str:
     """"liqa" or "nnunet"; raises `ValidationError` for a folder that is neither."""
     root = Path(root)
+    if why := _link_problem(root):
+        raise ValidationError(root, why)
     if not root.is_dir():
         raise ValidationError(root, "no such folder" if not root.exists() else "not a folder")
     if root.name.startswith(VENDOR_PREFIX) or any(
@@ -167,12 +176,49 @@ def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
+def _link_problem(path: Path) -> str | None:
+    """Why the symbolic link `path` cannot be followed (a loop, a missing target); None otherwise."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        return "symbolic link loop"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return f"broken symbolic link to {os.readlink(path)}"
+    return None
+
+
+def _cycle_problem(folder: Path) -> str | None:
+    """A folder link to a folder that holds it: a cycle (`case -> .` would list the cases as files)."""
+    if not folder.is_symlink():
+        return None
+    target, parent = folder.resolve(), folder.parent.resolve()
+    if target == parent or target in parent.parents:
+        return f"symbolic link to {target}, a folder that holds it"
+    return None
+
+
+def _unfollowable(entry: Path, problems: list[Problem]) -> bool:
+    """Record a link that cannot be followed or that cycles (each skipped); True when it was one."""
+    why = _link_problem(entry) or (_cycle_problem(entry) if entry.is_dir() else None)
+    if why:
+        problems.append(Problem(entry, f"{why} (ignored)"))
+    return why is not None
+
+
 def _liqa_case(case_dir: Path, center: str, problems: list[Problem]) -> Case | None:
     found: dict[str, dict[str, Path]] = {"image": {}, "mask": {}}
     for f in _visible(case_dir):
+        if _unfollowable(f, problems):
+            continue
         stem = _nifti_stem(f.name) if f.is_file() else None
         kind, phase = ("mask", stem[5:]) if stem and stem.startswith("mask_") else ("image", stem)
-        if phase not in PHASES:
+        if f.is_dir():
+            problems.append(Problem(f, "unexpected folder (ignored)"))
+        elif phase not in PHASES:
             problems.append(Problem(f, "unexpected file (ignored)"))
         elif phase in found[kind]:
             problems.append(Problem(f, f"second {kind} for {phase} (ignored; using {found[kind][phase].name})"))
@@ -194,7 +240,8 @@ def _discover_liqa(root: Path, centers: Sequence[str] | None, problems: list[Pro
     if root.name.startswith(VENDOR_PREFIX):
         vendors = [root]
     else:
-        vendors = [d for d in _visible(root) if d.is_dir() and d.name.startswith(VENDOR_PREFIX)]
+        vendors = [d for d in _visible(root) if d.name.startswith(VENDOR_PREFIX)
+                   and not _unfollowable(d, problems) and d.is_dir()]
     by_center = {d.name[len(VENDOR_PREFIX):]: d for d in vendors}
     if centers is not None:
         problems += [Problem(root, f"no {VENDOR_PREFIX}{c} folder") for c in centers if c not in by_center]
@@ -203,6 +250,8 @@ def _discover_liqa(root: Path, centers: Sequence[str] | None, problems: list[Pro
     for center, vendor in sorted(by_center.items()):
         found, folders = [], []
         for entry in _visible(vendor):
+            if _unfollowable(entry, problems):
+                continue
             if entry.is_dir():
                 folders.append(entry.name)
                 if case := _liqa_case(entry, center, problems):
@@ -224,14 +273,38 @@ def _read_dataset_json(root: Path, problems: list[Problem]) -> dict:
     path = root / "dataset.json"
     if not path.is_file():
         return {}
+    defaults = "; ignored: using the defaults (one GED4 channel, label 1 is liver, .nii.gz files)"
     try:
         meta = json.loads(path.read_text())
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-        return meta
     except (ValueError, UnicodeDecodeError) as e:
-        problems.append(Problem(path, f"cannot read: {e} (using defaults)"))
+        problems.append(Problem(path, f"not valid JSON ({' '.join(str(e).split())}){defaults}"))
         return {}
+    if not isinstance(meta, dict):
+        problems.append(Problem(path, f"expected a JSON object, got a JSON {type(meta).__name__}{defaults}"))
+        return {}
+    return meta
+
+
+def _dataset_json_cases(meta: dict, path: Path, case_ids: Sequence[str], ending: str, problems: list[Problem]) -> None:
+    """What dataset.json says about the cases (numTraining, an MSD-style "training" list) against imagesTr."""
+    count = meta.get("numTraining")
+    if isinstance(count, int) and not isinstance(count, bool) and count != len(case_ids):
+        problems.append(Problem(path, f"numTraining is {count} but imagesTr holds {_count(len(case_ids), 'case')}"))
+    training = meta.get("training")
+    if not isinstance(training, list):
+        return
+    known, missing = set(case_ids), []
+    for entry in training:
+        image = entry.get("image") if isinstance(entry, dict) else entry
+        stem = _nifti_stem(Path(image).name, [ending]) if isinstance(image, str) else None
+        if stem is None or stem in known:
+            continue
+        channel = _CHANNEL.match(stem)  # "case_0000.nii.gz" names case "case" too
+        if channel is None or channel["case"] not in known:
+            missing.append(stem)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        problems.append(Problem(path, f"training lists {shown}, which imagesTr does not hold (ignored)"))
 
 
 def _discover_nnunet(root: Path, problems: list[Problem]) -> tuple[list[Case], tuple[int, ...]]:
@@ -242,7 +315,7 @@ def _discover_nnunet(root: Path, problems: list[Problem]) -> tuple[list[Case], t
     if not images_dir.is_dir():
         problems.append(Problem(images_dir, "no such folder"))
         return [], (0, 1)
-    image_files = _visible(images_dir)
+    image_files = [f for f in _visible(images_dir) if not _unfollowable(f, problems)]
     atlas = any(_ATLAS_IMAGE.match(_nifti_stem(f.name, [ending]) or "") for f in image_files)
 
     channels = meta.get("channel_names") or meta.get("modality") or {"0": LABELED_PHASE}
@@ -285,7 +358,7 @@ def _discover_nnunet(root: Path, problems: list[Problem]) -> tuple[list[Case], t
         else:
             grouped[case_id][phase_of[channel]] = f
 
-    labels = {f.name: f for f in _visible(labels_dir)} if labels_dir.is_dir() else {}
+    labels = {f.name: f for f in _visible(labels_dir) if not _unfollowable(f, problems)} if labels_dir.is_dir() else {}
     cases, used = [], set()
     for case_id, images in sorted(grouped.items()):
         names = [case_id + ending]
@@ -299,6 +372,7 @@ def _discover_nnunet(root: Path, problems: list[Problem]) -> tuple[list[Case], t
         known = labels[name].is_file() and name.endswith(ending)
         message = "mask without its image (ignored)" if known else "unexpected file (ignored)"
         problems.append(Problem(labels[name], message))
+    _dataset_json_cases(meta, root / "dataset.json", list(grouped), ending, problems)
     return _with_splits(cases, root / SPLIT_FILE, list(grouped), problems), declared
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common.aggregation_config import AggregationConfig
 from common.label_transfer_config import DEFAULT_LABEL_TRANSFER, LabelTransferConfig
+from common.phases import parse_phase_list
 from common.postprocessing import Postprocessing
 
 ROLES = ("train", "eval")
@@ -129,6 +130,7 @@ class FederationConfig:
     evaluate_step: float = 0.5  # sliding-window step (fraction of the patch) for evaluation
     postprocessing: Postprocessing = Postprocessing()  # largest liver component on GED4 predictions
     evaluate_train_sites: bool = True  # training sites also score their test split (validation: always)
+    evaluate_phases: tuple[str, ...] | None = None  # phases of test cases scored (None: all); sites read it too
     agreement_volumes: int = 1  # unlabeled volumes per phase for the branch-agreement signal
     device: str = "auto"  # sites' torch device (node config `device` overrides; resolved by the ClientApp)
     seed: int = 0
@@ -190,6 +192,7 @@ class FederationConfig:
             postprocessing=Postprocessing.parse(str(get("postprocessing", "largest-component")),
                                                 str(get("postprocessing-phases", "GED4"))),
             evaluate_train_sites=bool(get("evaluate-train-sites", True)),
+            evaluate_phases=parse_phase_list(str(get("evaluate-phases", "*")), "evaluate-phases"),
             agreement_volumes=int(get("agreement-volumes", 1)),
             device=str(get("device", "auto")),
             seed=int(get("seed", 0)),

@@ -9,6 +9,11 @@ the file size for `.nii`) before handing the file to SimpleITK: an O(1) check th
 interrupted copies. Corruption inside the gzip stream makes SimpleITK fail, which we report.
 SimpleITK (nifti_clib) also silently turns NaN and Inf voxels into 0, so `voxel_stats` reads the
 NIfTI data itself, in chunks (bounded memory, full gzip CRC check) to count them.
+
+Hostile headers are refused from the header's first bytes, before SimpleITK or numpy sees them:
+sizes beyond `MAX_VOXELS_PER_AXIS` / `MAX_VOXELS` (a header may claim 100000 voxels per axis over a
+few bytes of data), and a zero, negative or non-finite voxel spacing (which SimpleITK would quietly
+turn into 1 mm, or keep negative, with a multi-line warning on stderr).
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ import numpy as np
 import SimpleITK as sitk
 
 _GZIP_MAGIC = b"\x1f\x8b"
+
+#: Larger images are refused from their header: far beyond any MRI or CT volume (512 x 512 x 1000
+#: is 2.6e8 voxels), and a float32 copy of 2**30 voxels already takes 4 GiB.
+MAX_VOXELS_PER_AXIS = 8192
+MAX_VOXELS = 2**30
 
 
 class ImageReadError(ValueError):
@@ -148,6 +158,7 @@ class NiftiHeader:
     scl_slope: float
     scl_inter: float
     byte_order: str  # "<" or ">"
+    pixdim: tuple[float, ...] = ()  # pixdim[1..dim[0]]: voxel spacing (mm), then time step etc.
 
     @property
     def data_end(self) -> int:
@@ -172,11 +183,13 @@ def _parse_nifti_header(raw: bytes) -> NiftiHeader | None:
             ndim = struct.unpack(order + "h", raw[40:42])[0]
             dims = struct.unpack(order + "7h", raw[42:56])
             datatype, bitpix = struct.unpack(order + "2h", raw[70:74])
+            pixdim = struct.unpack(order + "7f", raw[80:108])
             vox_offset, slope, inter = struct.unpack(order + "3f", raw[108:120])
         elif len(raw) >= 540 and struct.unpack(order + "i", raw[:4])[0] == 540:
             datatype, bitpix = struct.unpack(order + "2h", raw[12:16])
             ndim = struct.unpack(order + "q", raw[16:24])[0]
             dims = struct.unpack(order + "7q", raw[24:80])
+            pixdim = struct.unpack(order + "7d", raw[112:168])
             vox_offset = struct.unpack(order + "q", raw[168:176])[0]
             slope, inter = struct.unpack(order + "2d", raw[176:192])
         else:
@@ -184,7 +197,7 @@ def _parse_nifti_header(raw: bytes) -> NiftiHeader | None:
         if not 1 <= ndim <= 7 or any(d < 1 for d in dims[:ndim]):
             return None
         return NiftiHeader(tuple(int(d) for d in dims[:ndim]), int(datatype), int(bitpix), int(vox_offset),
-                           float(slope), float(inter), order)
+                           float(slope), float(inter), order, tuple(float(v) for v in pixdim[:ndim]))
     return None
 
 
@@ -219,9 +232,22 @@ def read_nifti_header(path: Path | str) -> NiftiHeader | None:
         return None
 
 
-def _check_length(path: Path) -> None:
-    """Raise if the file holds fewer data bytes than its NIfTI header promises."""
-    header = read_nifti_header(path)
+def _header_problem(size: Sequence[int], spacing: Sequence[float]) -> str | None:
+    """Why a header's size (x, y, z, ...) or spatial spacing is refused, or None."""
+    total = 1
+    for n in size:
+        total *= n
+    if any(n > MAX_VOXELS_PER_AXIS for n in size) or total > MAX_VOXELS:
+        return (f"header claims {' x '.join(str(n) for n in size)} voxels "
+                f"(limit {MAX_VOXELS_PER_AXIS} per axis, 2^{MAX_VOXELS.bit_length() - 1} in all)")
+    spatial = tuple(spacing[:3])
+    if not all(np.isfinite(v) and v > 0 for v in spatial):
+        return f"voxel spacing {_fmt(spatial)} in the header: not positive"
+    return None
+
+
+def _check_length(path: Path, header: NiftiHeader | None) -> None:
+    """Raise if the file holds fewer data bytes than its NIfTI header (None: not NIfTI) promises."""
     if header is None:
         return
     expected = header.data_end
@@ -247,6 +273,9 @@ def _open(path: Path | str) -> tuple[Path, sitk.ImageFileReader]:
         head = f.read(2)
     if not head:
         raise ImageReadError(path, "empty file")
+    header = read_nifti_header(path)  # our own parse first: SimpleITK never sees a hostile header
+    if header is not None and (reason := _header_problem(header.dims, header.pixdim)):
+        raise ImageReadError(path, reason)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -255,7 +284,10 @@ def _open(path: Path | str) -> tuple[Path, sitk.ImageFileReader]:
         # An uncompressed NIfTI named .gz reads fine; only name the gzip problem when ITK fails.
         not_gzip = path.name.endswith(".gz") and head != _GZIP_MAGIC
         raise ImageReadError(path, "not a gzip file" if not_gzip else _itk_reason(e, path)) from None
-    _check_length(path)
+    # Other formats (and what ITK derived from a NIfTI's sform) pass the same limits.
+    if reason := _header_problem(reader.GetSize(), reader.GetSpacing()):
+        raise ImageReadError(path, reason)
+    _check_length(path, header)
     return path, reader
 
 

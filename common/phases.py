@@ -21,3 +21,14 @@ def image_filename(phase: str) -> str:
 
 def mask_filename(phase: str) -> str:
     return f"mask_{phase}.nii.gz"
+
+
+def parse_phase_list(text: str, key: str = "phases") -> tuple[str, ...] | None:
+    """`"GED4,T1"` -> ("GED4", "T1"); `"*"` or "" -> None (every phase). ValueError naming an unknown phase."""
+    names = tuple(p.strip() for p in str(text).split(",") if p.strip())
+    if not names or names == ("*",):
+        return None
+    unknown = [p for p in names if p not in PHASES]
+    if unknown:
+        raise ValueError(f"{key}: unknown phase(s) {', '.join(unknown)}; phases are {', '.join(PHASES)} or *")
+    return names

@@ -112,6 +112,9 @@ class SuperLinkConfig:
     # False: Flower's in-memory state instead of state.db. Nothing survives a restart (hospitals
     # must be registered again), but no SQLite lock waits either (see docs/deploy.md).
     persist_state: bool = True
+    # True: `flower-superlink` as Flower ships it, whose state.db gives up on a lock after 5 s
+    # (deploy/superlink_main.py); only for reproducing that (deploy/state_probe.py).
+    flower_lock_wait: bool = False
 
     @classmethod
     def from_certs(cls, certs: Path, state_dir: Path, **kwargs: object) -> SuperLinkConfig:
@@ -157,6 +160,17 @@ def superlink_command(config: SuperLinkConfig, bin_dir: Path | None = None,
     env = {"FLWR_HOME": str(config.flwr_home), **QUIET_ENV}
     # The ServerApp runs in the SuperLink's working folder: keep it in the state folder.
     return Command(tuple(argv), env, config.state_dir)
+
+
+def superlink_launch_command(config: SuperLinkConfig, bin_dir: Path | None = None) -> Command:
+    """What `fedliver superlink` and `ProcessGroup` run: `superlink_command`'s flags, with state.db
+    through `python -m deploy.superlink_main` (SQLite lock wait 60 s instead of Flower's 5 s,
+    see that module); Flower's in-memory state needs no such wait and runs `flower-superlink`."""
+    command = superlink_command(config, bin_dir)
+    if not config.persist_state or config.flower_lock_wait:
+        return command
+    python = Path(bin_dir) / "python" if bin_dir is not None else Path(sys.executable)
+    return Command((str(python), "-m", "deploy.superlink_main", *command.argv[1:]), command.env, command.cwd)
 
 
 # ----------------------------------------------------------------------------- SuperNode
@@ -320,7 +334,9 @@ def parse_register_output(site: str, stdout: str, stderr: str = "") -> Registrat
     return Registration(site, None, False, message.splitlines()[-1] if message else "failed")
 
 
-def run_command(command: Command, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_command(command: Command, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    # A `flwr` CLI call is a Python process of its own: on a machine whose cores are busy with
+    # training it took over 60 s to start and answer; the limit only guards against a hang.
     return subprocess.run(list(command.argv), env=command.full_env(), cwd=command.cwd,
                           capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, check=False)
 
@@ -504,7 +520,7 @@ class ProcessGroup:
         """Start and wait until its port accepts connections."""
         if problems := missing_files(config.files):
             raise LaunchError(problems[0])
-        proc = self.start(name, superlink_command(config, self.bin_dir))
+        proc = self.start(name, superlink_launch_command(config, self.bin_dir))
         host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
         proc.wait_for_port(host, config.port, timeout)
         return proc

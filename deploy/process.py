@@ -184,6 +184,19 @@ class ManagedProcess:
         self._known |= pids
         return pids
 
+    def kill(self) -> set[int]:
+        """SIGKILL the process and everything it spawned at once: a crash (power cut, OOM killer,
+        kill -9), not a shutdown; nothing gets to clean up. Returns the pids signalled."""
+        pids = self.tree()
+        for pid in sorted(pids):
+            _signal(pid, signal.SIGKILL)
+        if self.popen is not None:
+            try:
+                self.popen.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
+                pass
+        return pids
+
     def stop(self, timeout: float = 5.0) -> int | None:
         """SIGTERM the tree, SIGKILL what survives `timeout` seconds; return the exit status."""
         if self.popen is None:

@@ -140,6 +140,21 @@ def _site_problems(text: str, min_train: int) -> tuple[list[str], list[tuple[str
     return problems, sites
 
 
+def key_problems(values: Mapping[str, object], defaults: Mapping[str, Value]) -> list[str]:
+    """One line per run-config key that the app does not know (naming the nearest valid one) or
+    whose value has the wrong type (the default's); tables are not run settings."""
+    valid, problems = sorted(defaults), []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            problems.append(f"[{key}]: tables are not run settings; write flat `key = value` lines")
+        elif key not in defaults:
+            near = nearest_key(key, valid)
+            problems.append(f"unknown key {key!r}" + (f" (did you mean {near!r}?)" if near else ""))
+        elif (problem := _type_problem(key, value, defaults[key])) is not None:
+            problems.append(problem)
+    return problems
+
+
 def check_run_settings(path: Path, app_dir: Path) -> RunSettings:
     """Read and check `path` against the app's run-config keys; see the module docstring."""
     path = Path(path).expanduser()
@@ -150,16 +165,7 @@ def check_run_settings(path: Path, app_dir: Path) -> RunSettings:
     except tomllib.TOMLDecodeError as err:
         raise RunSettingsError(f"{path}: not valid TOML ({err})") from err
     defaults = app_run_config(app_dir)
-    valid = sorted(defaults)
-    problems: list[str] = []
-    for key, value in values.items():
-        if isinstance(value, dict):
-            problems.append(f"{path}: [{key}]: tables are not run settings; write flat `key = value` lines")
-        elif key not in defaults:
-            near = nearest_key(key, valid)
-            problems.append(f"{path}: unknown key {key!r}" + (f" (did you mean {near!r}?)" if near else ""))
-        elif (problem := _type_problem(key, value, defaults[key])) is not None:
-            problems.append(f"{path}: {problem}")
+    problems = [f"{path}: {p}" for p in key_problems(values, defaults)]
     for key, why in REQUIRED.items():
         if key not in values:
             problems.append(f"{path}: {key} not set: {why}")

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from common.federation_config import FederationConfig, resolve_init_weights
 from common.hashing import sha256_file
 from common.fingerprint import FingerprintConfig, SiteFingerprint, merge_fingerprints
+from common.model_dir import read_manifest
 from common.planning import PlanningConfig, plan_from_fingerprint, plans_hash
 from common.pretrained import load_initial_weights
 from common.stunet import build_stunet_from_plans
@@ -35,19 +36,27 @@ from server.checkpoints import RunFolder, ServerState
 from server.messaging import Failure, NodeInfo, broadcast, identify_while_waiting
 from server.plots import plot_run
 from server.report import NO_VALIDATION, build_report, evaluation_entry, format_table, selection_score, write_report
+from server.round_cost import SiteWaitGrid
 from server.strategy import NodeUpdate, PairAggregator
 
 Log = Callable[[str], None]
 
+# A SuperNode restarted after a crash is refused by the SuperLink until the dead one's heartbeat
+# expires (Flower 1.42: 30 s interval x patience 2, so up to 60 s after its last heartbeat): a
+# training site that is not connected when a round starts gets this long (at most node-wait) to
+# come back, once per absence; after that rounds go on without it until it is connected again.
+REJOIN_WAIT_S = 90.0
+
 
 class Federation:
     def __init__(self, grid: Grid, config: FederationConfig, log: Log = print):
-        self.grid = grid
+        self.grid = SiteWaitGrid(grid)  # times the waits on sites: round entries' "server" cost
         self.config = config
         self.log = log
         self.run = RunFolder(config.run_dir)
         self.nodes: dict[int, NodeInfo] = {}
         self._said_no_validation = False
+        self._absent: set[int] = set()  # training nodes waited for once and not connected since
         self.init_path: Path | None = None  # resolved from init-weights by run_all
 
     # ------------------------------------------------------------------------------ nodes
@@ -198,14 +207,43 @@ class Federation:
             }
         )
 
+    def connected_training_nodes(self, server_round: int, poll: float = 1.0) -> dict[int, str]:
+        """The training nodes connected now. Those that are not get up to REJOIN_WAIT_S seconds
+        (at most node-wait) to connect, once per absence: a restarted SuperNode needs that long
+        before the SuperLink takes it back. A message to a node that is not connected would come
+        back at once as `Node Unavailable`, and the node would run it when it returns: they get none."""
+        connected = set(self.grid.get_node_ids())
+        self._absent &= set(self.training_nodes) - connected  # connected again: may be waited for again
+        waiting = [n for n in self.training_nodes if n not in connected and n not in self._absent]
+        if waiting:
+            wait = min(self.config.node_wait_s, REJOIN_WAIT_S)
+            names = ", ".join(self.training_nodes[n] for n in waiting)
+            self.log(f"round {server_round}: waiting up to {wait:.0f} s for {names} to connect again")
+            started = time.monotonic()
+            while time.monotonic() - started < wait and not set(waiting) <= connected:
+                time.sleep(poll)
+                connected = set(self.grid.get_node_ids())
+            back = [self.training_nodes[n] for n in waiting if n in connected]
+            if back:
+                self.log(f"round {server_round}: {', '.join(back)} connected again after "
+                         f"{time.monotonic() - started:.0f} s")
+            self._absent |= {n for n in waiting if n not in connected}
+        return {n: site for n, site in self.training_nodes.items() if n in connected}
+
     def train_round(
         self, server_round: int, current: dict[str, np.ndarray], config: ConfigRecord, aggregator: PairAggregator
     ) -> tuple[dict[str, np.ndarray], dict]:
-        content = aggregator.configure(server_round, current, config, list(self.training_nodes))
+        nodes = self.connected_training_nodes(server_round)
+        content = aggregator.configure(server_round, current, config, list(nodes))
         arrays = content["arrays"]
         replies, failures = broadcast(
-            self.grid, self.training_nodes, "train", content, group=str(server_round), timeout=self.config.round_timeout_s
+            self.grid, nodes, "train", content, group=str(server_round), timeout=self.config.round_timeout_s
         )
+        failures += [Failure(n, site, "not connected when the round started")
+                     for n, site in self.training_nodes.items() if n not in nodes]
+        # Sites with no update at all: not connected, no reply in time, or an error reply (a
+        # site's ClientApp that raised, e.g. its data folder gone: Flower's reason names the error).
+        missing = sorted({f.site for f in failures})
         updates, train_metrics, reply_bytes = [], {}, {}
         for node_id, reply in replies.items():
             site = self.nodes[node_id].site
@@ -228,6 +266,9 @@ class Federation:
         if not accepted:
             self.log(f"round {server_round}: no usable update; the global model stays as it was")
         new = aggregator.aggregate(server_round, current, accepted)
+        if missing:
+            self.log(f"round {server_round}: no update from {', '.join(missing)}; aggregated "
+                     f"{len(accepted)} of {len(self.training_nodes)} training sites")
         for site, metrics in sorted(train_metrics.items()):
             self.log(
                 f"round {server_round} site {site}: loss {metrics['loss-total']:.3f} (cps {metrics['loss-cps']:.3f}), "
@@ -235,6 +276,7 @@ class Federation:
             )
         return new, {
             "train": train_metrics,
+            "missing": missing,
             "rejected": [str(f) for f in failures],
             "bytes": {"to-each-node": record_nbytes(arrays), "from-node": reply_bytes},
             "aggregation": aggregator.last_round,
@@ -282,11 +324,15 @@ class Federation:
         if state.last_round:
             current = self.run.load_round(state.last_round)
             aggregator.load_state(*self.run.load_strategy_state(), last_round=state.last_round)
-            self.log(f"resuming after round {state.last_round} of {c.num_rounds}")
+            # The manifest's hash names the checkpoint exactly (load_round checked its files against it).
+            manifest = read_manifest(self.run.round_dir(state.last_round))["manifest_sha256"]
+            self.log(f"resuming after round {state.last_round} of {c.num_rounds} from "
+                     f"{self.run.round_dir(state.last_round)} (manifest sha256 {manifest})")
         else:
             current = self.initial_model(plans)
         for server_round in range(state.last_round + 1, c.num_rounds + 1):
             started = time.perf_counter()
+            self.grid.start_round()
             cps_enabled = self.cross_term_open(state.history)
             if c.mode == "cps" and c.cps_gate > 0:
                 self.log(f"round {server_round}: CPS cross term {'on' if cps_enabled else 'off'} "
@@ -318,6 +364,7 @@ class Federation:
         elif selected is None and "centers" in entry and not self._said_no_validation:
             self.log(f"round {server_round}: {NO_VALIDATION}")
             self._said_no_validation = True
+        entry["server"] = self.grid.round_cost()  # the server's own seconds (no site waits), its memory
         state.history.append(entry)
         state.last_round = server_round
         self.run.save_state(state)  # last: the round is complete only now

@@ -9,11 +9,17 @@ pools the training sites' test splits; "validation" (training sites' validation 
 report.json:
     {"rounds": [{"round": r, "centers": {C: {PHASE: scores}}, "in_distribution": {PHASE: scores},
                  "validation": {SITE: {"GED4": scores}}, "train": {SITE: {metric: value}},
-                 "rejected": [...], "seconds": s}],
+                 "rejected": [...], "seconds": s, "bytes": {"to-each-node": b, "from-node": {SITE: b}},
+                 "server": {"seconds": s, "cpu-seconds": s, "site-wait-seconds": s, "wait-cpu-seconds": s,
+                            "peak-rss-mib": m, "rss-mib": m}}],
      "final": {"round": N, "centers": {...}, "in_distribution": {...}, "validation": {...}},
      "best": {"round": k, "selected_on": "validation GED4 Dice, training sites, n=3", "score": x},
      "final_model": "<MODEL_DIR>", "best_model": "<MODEL_DIR>" | null,
      "training_centers": [...], "heldout_centers": [...], "config": {...}}
+
+A round's "server" is the coordinator's own cost (`server.round_cost`): its seconds outside waiting on
+the sites (decode, screen, aggregate, checkpoint), wall and its thread's CPU, those waits, and its
+process's peak and current RSS.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.report import format_table
@@ -46,10 +47,12 @@ class DemoConfig:
     init_weights: Path | None = PRETRAINED_WEIGHTS
     resume: bool = False
     gpus_per_node: float | None = None  # Ray GPUs per site actor (None: shared evenly when CUDA is there, else 0)
+    data: Path | None = None  # the phantoms' folder (default RUN_DIR/data); runs of one experiment share it
+    run_config_overrides: Mapping[str, object] = field(default_factory=dict)  # `--run-config`, over all of the above
 
     @property
     def data_dir(self) -> Path:
-        return self.run_dir / "data"
+        return self.data if self.data is not None else self.run_dir / "data"
 
     @property
     def sites(self) -> str:
@@ -70,6 +73,7 @@ class DemoConfig:
             "mode": self.mode,
             "init-weights": str(self.init_weights.resolve()) if self.init_weights else "",
             "seed": self.seed,
+            **self.run_config_overrides,
         }
 
 
@@ -122,6 +126,31 @@ def run_demo(config: DemoConfig) -> dict:
     return report
 
 
+#: Run-config keys the demo derives from its own options: its phantoms, folder and site list.
+DEMO_OWNED = {"data-root": "--data", "run-dir": "--run-dir", "sites": "the demo's centres"}
+
+
+def parse_run_config(text: str) -> dict[str, object]:
+    """`--run-config` in Flower's syntax (`flwr run --run-config`) -> {key: value}, checked against
+    the app's run-config keys and types; ValueError with one line per problem."""
+    if not text.strip():
+        return {}
+    from flwr.common.config import parse_config_args
+
+    from deploy.run_settings import app_run_config, key_problems
+    from simulations.runner import REPO_ROOT
+
+    try:
+        values = dict(parse_config_args([text]))
+    except Exception as error:  # Flower raises ValueError or tomli's error on a malformed pair
+        raise ValueError(f"--run-config {text!r}: not Flower's KEY=VALUE syntax ({error})") from None
+    problems = key_problems(values, app_run_config(REPO_ROOT))
+    problems += [f"{key} is the demo's: set it with {flag}" for key, flag in DEMO_OWNED.items() if key in values]
+    if problems:
+        raise ValueError("--run-config: " + "; ".join(problems))
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
@@ -141,13 +170,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue the run folder after its last complete round")
     parser.add_argument("--gpus-per-node", type=float, default=None, metavar="G",
                         help="GPUs Ray gives each site (default: 0 without CUDA, else 1 / sites per GPU)")
+    parser.add_argument("--run-config", default="", metavar="'KEY=VALUE ...'",
+                        help="run-config keys in Flower's syntax, over the demo's (e.g. \"strategy='krum' "
+                             "adversarial-sites='B2:scale-100'\"); the keys of pyproject's [tool.flwr.app.config]")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="the phantoms' folder (default RUN_DIR/data; generated there unless it holds these phantoms)")
     args = parser.parse_args(argv)
+    try:
+        overrides = parse_run_config(args.run_config)
+    except ValueError as error:
+        parser.error(str(error))
     config = DemoConfig(
         run_dir=args.run_dir.resolve(), cases=args.cases, heldout_cases=args.heldout_cases, labeled=args.labeled,
         test_cases=args.test_cases, validation_cases=args.validation_cases,
         rounds=args.rounds, local_iterations=args.local_iterations, mode=args.mode, seed=args.seed,
         init_weights=None if str(args.init) == "none" else args.init, resume=args.resume,
-        gpus_per_node=args.gpus_per_node,
+        gpus_per_node=args.gpus_per_node, data=args.data.resolve() if args.data else None,
+        run_config_overrides=overrides,
     )
     signal.signal(signal.SIGTERM, _interrupt)  # so that `finally` stops the SuperLink on `kill` too
     try:

@@ -1,112 +1,28 @@
-"""The whole federation in its deployment form, on loopback: a real `flower-superlink` with TLS and
-node authentication, three real `flower-supernode`s (training sites A and B1, evaluate-only site
-C, each with its own phantom data folder and its own registered key), and a 2-round run submitted
-with `flwr run` exactly as the coordinator would (deployment defaults: fp16 transport).
+"""The deployment launcher's pieces, fast: the `flwr run` command and its deployment defaults
+(float16 transport), parsing Flower's JSON output, the SuperLink's state database setting, and
+why that setting exists: Flower 1.42's SQLite state gives up on a held write lock after 5 s
+("database is locked", an HTTP 500 that makes a SuperNode quit or the SuperExec die); the
+SuperLink we launch waits 60 s (deploy/superlink_main.py, docs/deploy.md *The state database*).
 
-Rejection of an unregistered node and of a node without the CA certificate is shown in
-tests/test_deploy_loopback.py, against the same launcher."""
+Whole federations through real processes (TLS, node authentication, state.db) run elsewhere:
+tests/test_deploy_guide.py executes docs/deploy.md (three hospitals, one round, report.json with
+the held-out centre's scores and the float16 bytes each way), tests/test_faults.py kills a
+SuperNode and the SuperLink mid-round and takes a site's data away (three rounds and a resume),
+tests/test_deploy_loopback.py turns away unregistered and CA-less nodes."""
 
 from __future__ import annotations
 
-import json
+import textwrap
 from pathlib import Path
 
 import pytest
 
-from common.stunet import build_stunet_from_plans
-from common.weights import flatten, record_nbytes, to_arrayrecord
-from deploy.certs import CertConfig, generate_federation_certs
 from deploy.launch import (
-    DEPLOYMENT_RUN_CONFIG, IN_MEMORY_DATABASE, LaunchError, ProcessGroup, SuperLinkConfig,
-    SuperNodeConfig, flwr_run_command, parse_run_id, parse_run_status, submit_run,
-    superlink_command, wait_for_run,
+    DEPLOYMENT_RUN_CONFIG, IN_MEMORY_DATABASE, LaunchError, SuperLinkConfig, flwr_run_command,
+    parse_run_id, parse_run_status, superlink_command, superlink_launch_command,
 )
-from deploy.process import free_port, list_processes
-from simulations.phantoms import PhantomConfig, generate_liqa_tree
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SITES = {"A": "train", "B1": "train", "C": "eval"}
-
-
-def _phantoms(root: Path) -> dict[str, Path]:
-    """One data folder per hospital: 2 cases (1 labeled) at A and B1, 1 fully labeled case at C."""
-    folders = {}
-    for site, role in SITES.items():
-        folders[site] = root / site
-        generate_liqa_tree(folders[site], PhantomConfig(
-            centers=(site,), cases=2 if role == "train" else 1, labeled=1, seed=0, profile="demo",
-            heldout=(site,) if role == "eval" else ()))
-    return folders
-
-
-def _alive(pids: set[int]) -> list[int]:
-    procs = list_processes()
-    return sorted(p for p in pids if p in procs and procs[p].state != "Z")
-
-
-@pytest.mark.e2e
-def test_two_rounds_over_tls_with_node_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Two sites train at once on a 2-core runner: one torch thread per ClientApp (inherited).
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    data = _phantoms(tmp_path / "data")
-    certs = generate_federation_certs(tmp_path / "certs", CertConfig(sites=tuple(SITES)))
-    # In-memory SuperLink state: with state.db, Flower 1.42's SQLite store gave up on its 5 s lock
-    # wait ("database is locked", HTTP 500) while the nodes trained on this shared 2-core
-    # machine, and a site's reply was lost or the SuperExec died (docs/deploy.md, Troubleshooting).
-    # The persisted state itself is exercised by tests/test_deploy_loopback.py.
-    link = SuperLinkConfig.from_certs(certs.root, tmp_path / "link", port=free_port(), persist_state=False)
-    run_dir = tmp_path / "run"  # absolute: the ServerApp runs in the SuperLink's state folder
-    run_config = {
-        "num-server-rounds": 2, "local-iterations": 2, "net-width": 2, "patch-size": "32,64,64",
-        "evaluate-step": 1.0, "agreement-volumes": 1, "sites": ",".join(f"{s}:{r}" for s, r in SITES.items()),
-        "run-dir": str(run_dir), "data-root": "",
-        # Only the held-out centre evaluates: every evaluation is one more ClientApp process.
-        "evaluate-train-sites": False, "node-wait": 120, "round-timeout": 240,
-    }
-    seen: set[int] = set()
-    with ProcessGroup(tmp_path / "logs") as group:
-        try:
-            group.start_superlink(link, timeout=90)
-            registrations = group.register(certs, list(SITES), link)
-            assert all(r.node_id is not None for r in registrations), registrations
-            nodes = [group.start_supernode(SuperNodeConfig(
-                site=site, role=role, data_dir=data[site], superlink=f"127.0.0.1:{link.port}",
-                ca_cert=certs.site_ca(site), private_key=certs.site_key(site),
-                state_dir=tmp_path / f"node-{site}", port=free_port())) for site, role in SITES.items()]
-            for node in nodes:
-                node.wait_for_log("SuperNode ID:", timeout=90)  # the SuperLink accepted its key
-            run_id = submit_run(REPO_ROOT, link.cli_home, run_config)
-            # `flwr ls` costs ~2 s of CPU: ask every minute, and every second once the report exists.
-            status = wait_for_run(run_id, link.cli_home, timeout=600, status_every=60,
-                                  watch=group.processes, ready=(run_dir / "report.json").exists)
-            logs = "\n".join(f"--- {p.name}\n{p.log_tail(40)}" for p in group.processes)
-            assert status == "finished:completed", f"run {run_id}: {status}\n{logs}"
-        finally:
-            for proc in group.processes:
-                seen |= proc.tree()
-    # ProcessGroup stopped the SuperLink, the SuperNodes and everything they spawned.
-    assert not _alive(seen), f"processes left after stop_all: {_alive(seen)}"
-
-    report = json.loads((run_dir / "report.json").read_text())
-    assert [entry["round"] for entry in report["rounds"]] == [1, 2]
-    assert report["heldout_centers"] == ["C"]
-    assert set(report["final"]["centers"]) == {"C"}
-    heldout = report["final"]["centers"]["C"]
-    assert "GED4" in heldout and len(heldout) >= 2, heldout  # C is evaluated on every phase it has
-    for scores in heldout.values():
-        assert 0.0 <= scores["dice"] <= 1.0 and scores["hd95"] >= 0.0
-    for entry in report["rounds"]:
-        assert sorted(entry["train"]) == ["A", "B1"] and not entry["rejected"], entry
-    # The deployment default: both branches travelled as float16, both ways.
-    assert DEPLOYMENT_RUN_CONFIG["fp16-transport"] is True
-    assert report["config"]["fp16_transport"] == "True"
-    plans = json.loads((run_dir / "plans.json").read_text())
-    pair = flatten({name: build_stunet_from_plans(plans).state_dict() for name in ("a", "b")})
-    fp16_bytes = record_nbytes(to_arrayrecord(pair, fp16=True))
-    assert fp16_bytes < 0.6 * record_nbytes(to_arrayrecord(pair))
-    for entry in report["rounds"]:
-        assert entry["bytes"]["to-each-node"] == fp16_bytes
-        assert entry["bytes"]["from-node"] == {"A": fp16_bytes, "B1": fp16_bytes}
 
 
 # ----------------------------------------------------------------------------- fast checks
@@ -151,3 +67,139 @@ def test_in_memory_state_flag(tmp_path: Path) -> None:
     memory = superlink_command(SuperLinkConfig.from_certs(certs, tmp_path / "s", persist_state=False)).argv
     assert persisted[persisted.index("--database") + 1] == str(tmp_path / "s" / "state.db")
     assert memory[memory.index("--database") + 1] == IN_MEMORY_DATABASE
+
+
+# ----------------------------------------------------------------------------- state database
+def _write_under_held_lock(db: Path, hold_s: float) -> tuple[float, str]:
+    """Flower's SQLite object store (the SuperLink's state.db, WAL, Flower's connect pragmas as
+    installed now) writes while another connection holds the write lock for `hold_s` seconds, the
+    way one message push holds it (docs/deploy.md, The state database). Seconds taken, error text."""
+    import sqlite3
+    import threading
+    import time
+
+    from flwr.supercore.object_store.sql_object_store import SqlObjectStore
+    from sqlalchemy.exc import OperationalError
+
+    store = SqlObjectStore(str(db))
+    store.initialize()
+    locked = threading.Event()
+
+    def hold() -> None:
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, as a long transaction holds it
+        locked.set()
+        time.sleep(hold_s)
+        holder.execute("COMMIT")
+        holder.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    locked.wait(10)
+    started = time.monotonic()
+    try:
+        store.clear()  # a write: Flower's object-store mutation lock row, then deletes
+        error = ""
+    except OperationalError as err:
+        error = str(err).splitlines()[0]
+    elapsed = time.monotonic() - started
+    thread.join()
+    return elapsed, error
+
+
+def _guide_block(tag: str) -> str:
+    text = (REPO_ROOT / "docs" / "deploy.md").read_text()
+    start = text.index(f"<!-- guide-test: {tag} -->")
+    body = text[text.index("\n", text.index("```", start)) + 1:]
+    return textwrap.dedent(body[:body.index("```")])
+
+
+def test_state_db_lock_wait_flower_gives_up_after_5_s_ours_waits(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    from flwr.supercore import constant, sql_mixin
+    from sqlalchemy.exc import OperationalError
+
+    from deploy.superlink_main import BUSY_TIMEOUT_S, sqlite_pragmas
+
+    # As Flower ships it, the guide's reproduction: "database is locked" after its 5 s busy_timeout
+    # (an HTTP 500 at the SuperLink) while another writer holds the lock for 10 s.
+    assert dict(constant.SQLITE_PRAGMAS)["busy_timeout"] == "5000"
+    code = _guide_block("state-db-repro").replace("/tmp/state.db", str(tmp_path / "flower.db"))
+    threads = set(threading.enumerate())
+    started = time.monotonic()
+    with pytest.raises(OperationalError, match="database is locked"):
+        exec(compile(code, "docs/deploy.md (state-db-repro)", "exec"), {})
+    assert time.monotonic() - started > 5.0  # it did wait its 5 s (the holder keeps the lock 10 s)
+    # What `fedliver superlink` / ProcessGroup install in the SuperLink (deploy/superlink_main.py).
+    pragmas = sqlite_pragmas()
+    # Longer than Flower's 30 s HTTP client timeout: a client retries a timeout, not an HTTP 500.
+    assert dict(pragmas)["busy_timeout"] == str(int(BUSY_TIMEOUT_S * 1000)) and BUSY_TIMEOUT_S > 30
+    assert [k for k, _ in pragmas] == [k for k, _ in constant.SQLITE_PRAGMAS]  # only that one changed
+    monkeypatch.setattr(constant, "SQLITE_PRAGMAS", pragmas)
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", pragmas)
+    elapsed, error = _write_under_held_lock(tmp_path / "ours.db", hold_s=6.5)
+    assert not error and elapsed >= 6.0, (elapsed, error)
+    for thread in set(threading.enumerate()) - threads:
+        thread.join()  # the guide block's lock holder
+
+
+def test_launch_command_runs_the_superlink_with_the_longer_lock_wait(tmp_path: Path) -> None:
+    import sys
+
+    certs = tmp_path / "certs"
+    flower = superlink_command(SuperLinkConfig.from_certs(certs, tmp_path / "s"))
+    ours = superlink_launch_command(SuperLinkConfig.from_certs(certs, tmp_path / "s"))
+    assert ours.argv[:3] == (sys.executable, "-m", "deploy.superlink_main")
+    assert ours.argv[3:] == flower.argv[1:] and ours.env == flower.env and ours.cwd == flower.cwd
+    # In-memory state has no SQLite file; the reproduction runs Flower's SuperLink as shipped.
+    for config in (SuperLinkConfig.from_certs(certs, tmp_path / "s", persist_state=False),
+                   SuperLinkConfig.from_certs(certs, tmp_path / "s", flower_lock_wait=True)):
+        assert superlink_launch_command(config).argv[0].endswith("flower-superlink")
+
+
+@pytest.mark.e2e
+def test_held_state_lock_kills_flowers_superexec_and_node_not_ours(tmp_path: Path) -> None:
+    """The failure as it happens in deployment, deterministically: while another connection holds
+    state.db's write lock for 12 s (as one message push did under load), Flower's SuperLink answers
+    the SuperExec's and the SuperNode's next write with HTTP 500; the SuperExec dies (no ServerApp
+    would start again) and the SuperNode quits. The SuperLink as we launch it waits."""
+    import sqlite3
+    import time
+
+    from deploy.certs import CertConfig, generate_federation_certs
+    from deploy.launch import ProcessGroup, SuperNodeConfig
+    from deploy.process import free_port
+
+    certs = generate_federation_certs(tmp_path / "certs", CertConfig(sites=("A", "B1")))
+    links = {name: SuperLinkConfig.from_certs(certs.root, tmp_path / name, port=free_port(),
+                                              flower_lock_wait=name == "flower") for name in ("flower", "ours")}
+    site = {"flower": "A", "ours": "B1"}
+    with ProcessGroup(tmp_path / "logs") as group:
+        procs = {name: group.start_superlink(link, timeout=120, name=f"superlink-{name}")
+                 for name, link in links.items()}
+        for name, link in links.items():
+            (registration,) = group.register(certs, [site[name]], link)
+            assert registration.node_id is not None, registration.message
+        nodes = {name: group.start_supernode(SuperNodeConfig(
+            site=site[name], role="train", data_dir=tmp_path, superlink=f"127.0.0.1:{link.port}",
+            ca_cert=certs.site_ca(site[name]), private_key=certs.site_key(site[name]),
+            state_dir=tmp_path / f"node-{name}", port=free_port())) for name, link in links.items()}
+        for node in nodes.values():
+            node.wait_for_log("SuperNode ID:", timeout=120)
+        holders = [sqlite3.connect(link.database, isolation_level=None) for link in links.values()]
+        for holder in holders:
+            holder.execute("BEGIN IMMEDIATE")
+        time.sleep(12.0)
+        for holder in holders:
+            holder.execute("COMMIT")
+            holder.close()
+        time.sleep(3.0)
+        logs = {name: proc.log_text() for name, proc in procs.items()}
+        node_logs = {name: node.log_text() for name, node in nodes.items()}
+    assert "database is locked" in logs["flower"] and "in flower_superexec" in logs["flower"], logs["flower"][-3000:]
+    assert "500 Internal Server Error" in node_logs["flower"], node_logs["flower"][-2000:]  # then it quits
+    assert "database is locked" not in logs["ours"] and "Traceback" not in logs["ours"], logs["ours"][-3000:]
+    assert "Server error" not in node_logs["ours"] and "terminated" not in node_logs["ours"], node_logs["ours"][-2000:]

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from common.inference import predict_image, sliding_window_predict
+from common.inference import _eval_mode, predict_image, sliding_window_predict
 from common.postprocessing import Postprocessing
 from common.planning import default_test_plans
 from common.stunet import build_stunet, build_stunet_from_plans
@@ -106,6 +106,161 @@ def test_sliding_window_pointwise_net_is_exact():
     assert torch.equal(probs.argmax(0), (data[0] > 0).long())
 
 
+# --------------------------------------------------------------------------------------------- optimised vs reference
+def _reference_sliding_window(nets, data, patch, step=0.5, mirror=False):
+    """The path before issue 15, kept as the reference: every net through its own forward, one tile
+    at a time, softmax over both classes, both accumulated in fp32."""
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+
+    padded, revert = pad_nd_image(torch.as_tensor(data, dtype=torch.float32), patch, "constant", {"value": 0}, True, None)
+    shape = padded.shape[1:]
+    gaussian = compute_gaussian(tuple(patch), sigma_scale=1.0 / 8, value_scaling_factor=10, dtype=torch.float32,
+                                device=torch.device("cpu"))
+    flips = [()] + ([c for i in range(1, 4) for c in itertools.combinations((2, 3, 4), i)] if mirror else [])
+    probs, weights = torch.zeros((2, *shape)), torch.zeros(shape)
+    with torch.no_grad(), _eval_mode(nets):
+        for start in itertools.product(*compute_steps_for_sliding_window(shape, patch, step)):
+            tile = tuple(slice(s, s + p) for s, p in zip(start, patch))
+            x = padded[(slice(None), *tile)][None]
+            out = 0
+            for net in nets:
+                for axes in flips:
+                    logits = net(torch.flip(x, axes) if axes else x)
+                    logits = logits[0] if isinstance(logits, (list, tuple)) else logits
+                    p = torch.softmax(logits, 1)
+                    out = out + (torch.flip(p, axes) if axes else p)
+            probs[(slice(None), *tile)] += out[0] / (len(nets) * len(flips)) * gaussian
+            weights[tile] += gaussian
+    return (probs / weights)[(slice(None), *revert[1:])]
+
+
+def _agreement(got, ref):
+    """Fraction of voxels with the same label; the largest probability difference."""
+    return (got.argmax(0) == ref.argmax(0)).float().mean().item(), (got - ref).abs().max().item()
+
+
+SMALL_PATCH = (8, 16, 16)
+
+
+def _soft_net(seed, deep_supervision=False, width=2, strides=None):
+    """A tiny STU-Net (for SMALL_PATCH) whose head is scaled down: probabilities spread around 0.5,
+    so labels are sensitive to small numeric differences (a strict test of agreement)."""
+    torch.manual_seed(seed)
+    net = build_stunet("T", base_width=width, deep_supervision=deep_supervision,
+                       strides=strides or [[1, 2, 2], [2, 2, 2], [1, 2, 2], [1, 1, 1], [1, 1, 1]])
+    with torch.no_grad():
+        for head in net.seg_outputs:
+            head.weight.mul_(0.2)
+    return net
+
+
+def _balance(net, data):
+    """Shift the full-resolution head so that about half of `data`'s (c, z, y, x) voxels are
+    foreground: both labels present, many near-ties."""
+    pad = [(-n) % d for n, d in zip(data.shape[1:], net.divisor)]
+    x = torch.nn.functional.pad(data[None], [0, pad[2], 0, pad[1], 0, pad[0]])
+    with torch.no_grad(), _eval_mode([net]):
+        out = net(x)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        net.seg_outputs[-1].bias[1] -= (out[:, 1] - out[:, 0]).median()
+    return net
+
+
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_fast_stunet_forward_matches_module(deep_supervision):
+    from common.inference import _fast_stunet, _stunet_forward_cpu
+
+    net = _soft_net(5, deep_supervision, width=4, strides=[[1, 2, 2], [2, 2, 2], [2, 1, 2], [1, 2, 2], [1, 1, 1]]).eval()
+    assert _fast_stunet(net)
+    x = torch.randn(2, 1, 16, 32, 32)
+    with torch.no_grad():
+        expected = net(x)
+        expected = expected[0] if deep_supervision else expected
+        got = _stunet_forward_cpu(net, x)
+    assert got.shape == expected.shape == (2, 2, 16, 32, 32)
+    assert torch.allclose(got, expected, atol=2e-4, rtol=1e-4), (got - expected).abs().max()
+    assert expected.std() > 0.05  # not a trivially constant answer
+
+
+def test_fast_path_only_for_plain_stunets():
+    from common.inference import _fast_stunet
+
+    class Sub(type(_tiny_net())):
+        pass
+
+    assert not _fast_stunet(ThresholdNet())
+    assert not _fast_stunet(Sub(1, 2, [2, 4, 8, 16, 32, 32], 1, [[1, 2, 2]] * 5))
+    tracked = _tiny_net()
+    tracked.conv_blocks_context[0][0].norm1.track_running_stats = True
+    assert not _fast_stunet(tracked)
+    assert not _fast_stunet(_tiny_net().double())
+    with pytest.raises(ValueError, match="not divisible"):  # STUNet's own message on the fast path too
+        sliding_window_predict(_tiny_net(), torch.randn(1, 20, 40, 40), (15, 32, 32))
+
+
+@pytest.mark.parametrize("shape,mirror,batch_size,threads", [
+    ((13, 27, 22), False, 2, 2),   # tiled on every axis, one tile per worker thread
+    ((13, 27, 22), False, 2, 1),   # the same inline
+    ((9, 18, 16), True, 3, 2),     # all 8 flips
+    ((5, 12, 14), False, 1, 1),    # smaller than the patch: padded
+    ((5, 12, 14), True, 2, 2),
+])
+def test_optimised_path_matches_reference(shape, mirror, batch_size, threads):
+    torch.manual_seed(8)
+    data = torch.randn(1, *shape)
+    # the CPS pair, as the ensemble runs it; one branch with deep supervision
+    nets = [_balance(_soft_net(6, deep_supervision=True), data), _balance(_soft_net(7), data)]
+    torch.set_num_threads(threads)
+    ref = _reference_sliding_window(nets, data, SMALL_PATCH, mirror=mirror)
+    got = sliding_window_predict(nets, data, SMALL_PATCH, mirror=mirror, batch_size=batch_size)
+    assert torch.get_num_threads() == threads  # the workers' settings stay theirs
+    assert got.shape == ref.shape == (2, *shape)
+    same, diff = _agreement(got, ref)
+    assert same >= 0.999 and diff < 1e-4, (same, diff)
+    assert 0.01 < ref.argmax(0).float().mean() < 0.99  # both labels, near-ties: agreement means something
+    assert all(net.training for net in nets)  # modes restored
+
+
+def test_optimised_path_is_deterministic_across_threads():
+    net = _soft_net(9)
+    data = torch.randn(1, 14, 30, 28)
+    torch.set_num_threads(2)
+    first = sliding_window_predict(net, data, SMALL_PATCH)
+    assert torch.equal(first, sliding_window_predict(net, data, SMALL_PATCH))  # tiles summed in one order
+    torch.set_num_threads(1)
+    assert torch.allclose(first, sliding_window_predict(net, data, SMALL_PATCH), atol=1e-6)
+
+
+def test_multiclass_net_keeps_every_channel():
+    torch.manual_seed(10)
+    net = build_stunet("T", base_width=2, num_classes=3, strides=[[1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]])
+    data = torch.randn(1, 16, 40, 30)
+    got = sliding_window_predict([net], data, PATCH)
+    ref = _reference_sliding_window_multiclass(net, data)
+    assert got.shape == (3, 16, 40, 30)
+    assert torch.allclose(got, ref, atol=1e-4)
+
+
+def _reference_sliding_window_multiclass(net, data):
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+
+    padded, revert = pad_nd_image(data, PATCH, "constant", {"value": 0}, True, None)
+    shape = padded.shape[1:]
+    gaussian = compute_gaussian(PATCH, sigma_scale=1.0 / 8, value_scaling_factor=10, dtype=torch.float32,
+                                device=torch.device("cpu"))
+    probs, weights = torch.zeros((3, *shape)), torch.zeros(shape)
+    net.eval()
+    with torch.no_grad():
+        for start in itertools.product(*compute_steps_for_sliding_window(shape, PATCH, 0.5)):
+            tile = tuple(slice(s, s + p) for s, p in zip(start, PATCH))
+            logits = net(padded[(slice(None), *tile)][None])[0]
+            probs[(slice(None), *tile)] += torch.softmax(logits[0], 0) * gaussian
+            weights[tile] += gaussian
+    return (probs / weights)[(slice(None), *revert[1:])]
+
+
 # --------------------------------------------------------------------------------------------- predict_image
 def _oblique_direction(deg=30.0):
     c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
@@ -160,6 +315,42 @@ def test_predict_image_with_stunet_and_resampling(tmp_path):
     seg = sitk.GetArrayFromImage(out)
     assert set(np.unique(seg)) <= {0, 1}
     assert net.training  # untouched mode
+
+
+@pytest.mark.parametrize("spacing_xyz", [(0.9, 1.1, 2.5), (1.7, 1.7, 3.0)])  # resampled / not
+def test_predict_image_matches_reference_path(tmp_path, spacing_xyz):
+    """The whole path against the reference: sliding window of both classes, then nnunetv2's own
+    conversion (resample both probabilities, argmax, uncrop)."""
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from common.planning import CONFIGURATION, DATASET_JSON
+    from common.preprocessing import preprocess_image
+
+    plans = default_test_plans(patch_size=(16, 32, 32), spacing=(3.0, 1.7, 1.7))
+    rng = np.random.default_rng(3)
+    raw = _phantom((12, 40, 36))
+    raw += rng.normal(0, 30, raw.shape).astype(np.float32) * (raw > 0)
+    path = _write(raw, tmp_path / "GED4.nii.gz", spacing_xyz=spacing_xyz)
+    manager = PlansManager(plans)
+    conf = manager.get_configuration(CONFIGURATION)
+    data, _, props = preprocess_image(path, plans)
+    nets = []
+    for seed, deep_supervision in ((13, True), (14, False)):  # the CPS pair, built from the plans
+        torch.manual_seed(seed)
+        nets.append(build_stunet_from_plans(plans, deep_supervision=deep_supervision))
+        with torch.no_grad():
+            nets[-1].seg_outputs[-1].weight.mul_(0.2)
+        _balance(nets[-1], torch.from_numpy(data))
+    torch.set_num_threads(2)
+    got = sitk.GetArrayFromImage(predict_image(nets, path, plans))
+
+    probs = _reference_sliding_window(nets, torch.from_numpy(data), tuple(conf.patch_size))
+    ref = np.asarray(convert_predicted_logits_to_segmentation_with_correct_shape(
+        probs, manager, conf, manager.get_label_manager(dict(DATASET_JSON)), props, num_threads_torch=1))
+    assert got.shape == ref.shape == raw.shape
+    assert 0.1 < ref[raw > 0].mean() < 0.9
+    assert (got == ref).mean() >= 0.999, (got != ref).sum()
 
 
 def test_predict_image_unreadable_file(tmp_path):

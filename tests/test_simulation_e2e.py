@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from simulations.demo import DemoConfig, run_demo
+from simulations.demo import DemoConfig, parse_run_config, run_demo
 
 pytestmark = pytest.mark.e2e
 
@@ -29,13 +29,16 @@ def test_two_round_simulation_through_flwr_run(tmp_path):
     config = DemoConfig(
         run_dir=tmp_path / "run", centers=("A", "B1", "C"), heldout=("C",), cases=2, heldout_cases=1, labeled=1,
         rounds=2, local_iterations=2, patch_size="16,32,32",
+        run_config_overrides=parse_run_config("strategy='fedmedian' evaluate-phases='GED4,T2'"),  # as `--run-config`
     )
     report = run_demo(config)
     assert [entry["round"] for entry in report["rounds"]] == [1, 2]
-    assert "GED4" in report["final"]["centers"]["C"]
+    assert set(report["final"]["centers"]["C"]) == {"GED4", "T2"}  # evaluate-phases
     assert 0.0 <= report["final"]["centers"]["C"]["GED4"]["dice"] <= 1.0
     assert (config.run_dir / "plots" / "dice_per_round.png").is_file()
     assert json.loads((config.run_dir / "report.json").read_text())["final_model"]
+    assert report["aggregation"]["flower_class"] == "FedMedian"
+    assert set(report["rounds"][0]["aggregation"]["update_norms"]) == {"A", "B1"}
     deadline = time.monotonic() + 20  # Ray's workers may take a moment to see their parent gone
     while (leftover := _flower_and_ray_processes() - before) and time.monotonic() < deadline:
         time.sleep(1)

@@ -95,6 +95,31 @@ def test_default_fedavg_equals_the_previous_aggregation():
             np.testing.assert_allclose(new[key], old[key], rtol=2e-6, atol=1e-7, err_msg=f"{weighted_by} {key}")
 
 
+def test_trimmed_mean_of_three_sites_is_their_median():
+    """Why robust-aggregation runs FedTrimmedAvg last: with three sites and trimmed-beta >= 1/3 it
+    keeps each coordinate's middle value, FedMedian's result exactly (weights ignored by both)."""
+    rng = np.random.default_rng(1)
+    current = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in _global().items()}
+    updates = [NodeUpdate(n, f"S{n}", {k: (v + rng.normal(0, 1, v.shape)).astype(np.float32) for k, v in current.items()},
+                          {"num-labeled": float(n)}) for n in NODES[:3]]
+    median = _round(PairAggregator(_config(strategy="fedmedian"), 3), 1, current, updates)
+    trimmed = _round(PairAggregator(_config(strategy="fedtrimmedavg", **{"trimmed-beta": 0.34}), 3), 1, current, updates)
+    untrimmed = _round(PairAggregator(_config(strategy="fedtrimmedavg"), 3), 1, current, updates)  # beta 0.2: cuts none
+    for key in current:
+        np.testing.assert_array_equal(trimmed[key], median[key])
+        assert not np.array_equal(untrimmed[key], median[key])
+
+
+def test_each_round_records_the_update_norms():
+    """report.json's rounds[i].aggregation.update_norms: each site's L2 distance from the model it
+    received, the figure to choose dp-clipping-norm from."""
+    current = {k: np.zeros_like(v) for k, v in _global().items()}
+    aggregator = PairAggregator(_config(), 2, log=lambda s: None)
+    _round(aggregator, 1, current, [_update(1, 1.0, 1), _update(2, -2.0, 1)])
+    size = sum(v.size for v in current.values())
+    assert aggregator.last_round["update_norms"] == pytest.approx({"S1": np.sqrt(size), "S2": 2 * np.sqrt(size)})
+
+
 def test_branches_are_averaged_separately():
     first, second = _update(1, 0.0, 1), _update(2, 0.0, 1)
     first.arrays["a.w"][:], second.arrays["a.w"][:] = 2.0, 4.0

@@ -3,7 +3,9 @@
 Runs `flower-superlink` with TLS (the certificates from `fedliver certs`), SuperNode
 authentication, a persisted state database (<state>/state.db), its own FLWR_HOME
 (<state>/superlink-home), telemetry and runtime dependency installation off. The ServerApp runs
-inside the SuperLink process tree, in the state folder. Prints the exact command first.
+inside the SuperLink process tree, in the state folder. With state.db it starts Flower's
+SuperLink through `python -m deploy.superlink_main`, which waits up to 60 s for the database's
+write lock instead of 5 s (docs/deploy.md, The state database). Prints the exact command first.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deploy.launch import (
-        LaunchError, SuperLinkConfig, missing_files, run_foreground, superlink_command,
+        LaunchError, SuperLinkConfig, missing_files, run_foreground, superlink_launch_command,
         write_connection_config,
     )
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         config = SuperLinkConfig.from_certs(
             args.certs, args.state, host=args.host, port=args.port,
             extra_args=tuple(a for extra in args.extra for a in shlex.split(extra)))
-        command = superlink_command(config)
+        command = superlink_launch_command(config)
     except LaunchError as err:
         print(err, file=sys.stderr)
         return 2

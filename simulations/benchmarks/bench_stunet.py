@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def measure(size: str, width: int | None, patch: tuple[int, int, int], batch: int, threads: int,
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--omp-wait-policy", default="PASSIVE",
                         help="OMP_WAIT_POLICY for the children ('' leaves the environment as it is)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here (for run_all)")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     widths = [None if w == "default" else int(w) for w in args.widths.split(",")]
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
           f"OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', '(unset)')}, load average {os.getloadavg()[0]:.1f}")
     print(f"{'size':>4} {'width':>5} {'params(M)':>9} {'patch':>10} {'batch':>5} {'s/iter':>7} "
           f"{'min s':>6} {'peak RSS MiB':>12}")
+    rows = []
     for patch in patches:
         for width in widths:
             cmd = [sys.executable, "-m", "simulations.benchmarks.bench_stunet", "--single",
@@ -91,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.size} width {width} patch {patch}: failed: {done.stderr.strip().splitlines()[-1:]}")
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(r)
             print(f"{r['size']:>4} {r['width']:>5} {r['params_M']:>9} {r['patch']:>10} {r['batch']:>5} "
                   f"{r['s_per_iter']:>7} {r['min_s']:>6} {r['peak_rss_MiB']:>12}", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f} (more than the thread count: numbers are inflated)")
-    return 0
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0 if len(rows) == len(patches) * len(widths) else 1
 
 
 if __name__ == "__main__":

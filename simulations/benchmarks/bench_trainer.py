@@ -5,8 +5,11 @@
 
 One iteration = the whole `CPSTrainer` step: both nets forward + backward + SGD step, with nnU-Net
 augmentation prepared by the background prefetcher (its waiting time is reported separately).
-Supervised: both nets on the labeled batch. CPS: both nets on labeled + unlabeled batch (2x the
-samples) plus the cross terms. Each mode runs in its own subprocess, so its peak RSS is its own.
+Supervised: both nets on the labeled batch. CPS: both nets on labeled + unlabeled batch plus the
+cross terms. Bare: the same two nets (as the trainer builds them) on one fixed random batch of
+CPS's samples, forward + a cross-entropy per deep-supervision head + backward + SGD step, with no
+data loading, augmentation, Dice, cross terms, schedules or clipping: CPS / bare is what the
+trainer adds. Each mode runs in its own subprocess, so its peak RSS is its own.
 On CUDA (`--device auto` finds it) the trainer runs as a GPU site does, fp16 autocast with a
 GradScaler (`--autocast`), and the peak is torch.cuda.max_memory_allocated over the timed iterations.
 Timings are only meaningful on an otherwise idle machine: the load average is printed with them.
@@ -21,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+MODES = ("supervised", "cps", "bare")
 
 
 def _volumes(root: Path, plans: dict, shape: tuple[int, int, int], cases: int = 2):
@@ -60,7 +65,7 @@ def measure(mode: str, size: str, width: int | None, patch: tuple[int, int, int]
             unlabeled_batch: int | None, device: str = "auto", autocast: str = "auto") -> dict:
     import torch
 
-    from client.trainer import CPSTrainer, TrainerConfig
+    from client.trainer import CPSTrainer, TrainerConfig, peak_rss_mib
     from common.device import describe, resolve_device
     from common.planning import default_test_plans
 
@@ -70,22 +75,70 @@ def measure(mode: str, size: str, width: int | None, patch: tuple[int, int, int]
     shape = tuple(2 * p for p in patch)
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
         labeled, unlabeled = _volumes(Path(tmp), plans, shape)
-        config = TrainerConfig(mode=mode, batch_size=batch, seed=0, prefetch=prefetch, log_every=0,
-                               channels_last_convs=channels_last, unlabeled_batch_size=unlabeled_batch,
+        # bare: the CPS trainer's nets (seeds, channels-last, device, autocast); its data goes unused
+        config = TrainerConfig(mode="cps" if mode == "bare" else mode, batch_size=batch, seed=0, prefetch=prefetch,
+                               log_every=0, channels_last_convs=channels_last, unlabeled_batch_size=unlabeled_batch,
                                device=str(resolved), autocast=autocast)
         trainer = CPSTrainer(plans, labeled, unlabeled, config, log=lambda _: None)
-        trainer.train(1)  # warm-up: allocator, oneDNN kernels, first volume loads
-        stats = trainer.train(iterations, start_iteration=1, total_iterations=iterations + 1)
+        if mode == "bare":
+            s_per_iter, data_wait = bare_step_seconds(trainer, batch + (unlabeled_batch or batch), iterations), 0.0
+        else:
+            trainer.train(1)  # warm-up: allocator, oneDNN kernels, first volume loads
+            stats = trainer.train(iterations, start_iteration=1, total_iterations=iterations + 1)
+            s_per_iter, data_wait = stats.seconds_per_iteration, stats.data_wait_per_iteration
     conf = plans["configurations"]["3d_fullres"]
     return {"mode": mode, "size": size, "widths": conf["architecture"]["arch_kwargs"]["features_per_stage"],
             "strides": conf["architecture"]["arch_kwargs"]["strides"][1:],
             "patch": "x".join(map(str, conf["patch_size"])), "batch": batch,
-            "unlabeled_batch": (unlabeled_batch or batch) if mode == "cps" else 0, "threads": threads,
-            "s_per_iter": round(stats.seconds_per_iteration, 3),
-            "data_wait_s": round(stats.data_wait_per_iteration, 3),
-            "peak_rss_MiB": round(stats.peak_memory_mib), "device": describe(resolved),
+            "unlabeled_batch": (unlabeled_batch or batch) if mode in ("cps", "bare") else 0, "threads": threads,
+            "s_per_iter": round(s_per_iter, 3), "data_wait_s": round(data_wait, 3),
+            "peak_rss_MiB": round(peak_rss_mib()), "device": describe(resolved),
             "autocast": str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "off",
-            "peak_gpu_MiB": round(stats.peak_gpu_memory_mib) if resolved.type == "cuda" else None}
+            "peak_gpu_MiB": round(trainer.peak_gpu_memory_mib()) if resolved.type == "cuda" else None}
+
+
+def bare_step_seconds(trainer, samples: int, iterations: int) -> float:
+    """Seconds per step of the trainer's two nets alone on one fixed random batch of `samples`:
+    forward, a cross-entropy per deep-supervision head, backward, SGD step (a warm-up step first)."""
+    import contextlib
+
+    import torch
+    from torch.nn import functional as F
+
+    device, nets = trainer.device, list(trainer.nets.values())
+    patch = trainer.params.patch_size
+    x = torch.randn(samples, 1, *patch, device=device)
+    with torch.no_grad():
+        heads = [o.shape[2:] for o in nets[0](x)]
+    targets = [torch.randint(0, 2, (samples, *shape), device=device) for shape in heads]
+    scaler = trainer.grad_scaler
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for net in nets:
+        net.train()
+    for i in range(iterations + 1):
+        if i == 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+        amp = (torch.autocast(device.type, dtype=trainer.amp_dtype) if trainer.amp_dtype is not None
+               else contextlib.nullcontext())
+        with amp:
+            loss = sum(F.cross_entropy(o, t) / 2**level
+                       for net in nets for level, (o, t) in enumerate(zip(net(x), targets)))
+        for optimizer in trainer.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        for optimizer in trainer.optimizers.values():
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+        if scaler is not None:
+            scaler.update()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - started) / iterations
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--prefetch", type=int, default=2, help="background batches (0: load inline)")
-    parser.add_argument("--modes", default="supervised,cps")
+    parser.add_argument("--modes", default="supervised,cps,bare", help=f"comma separated, of {', '.join(MODES)}")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here (for run_all)")
     parser.add_argument("--spacing", default="6.9,3.8,3.8",
                         help="plan spacing z,y,x in mm (default: what `fedliver phantoms --profile demo` plans to; "
                              "it decides the strides, hence the cost)")
@@ -124,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     spacing = tuple(float(v) for v in args.spacing.split(","))
     channels_last = {"auto": None, "on": True, "off": False}[args.channels_last]
     modes = [m for m in args.modes.split(",") if m]
+    if unknown := [m for m in modes if m not in MODES]:
+        print(f"--modes: unknown {', '.join(unknown)} (known: {', '.join(MODES)})", file=sys.stderr)
+        return 2
 
     if args.single:  # child process: one mode, one JSON line
         print(json.dumps(measure(modes[0], args.size, args.width or None, patch, args.batch, args.threads, args.iterations,
@@ -133,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     # Busy-waiting OpenMP threads collapse when other processes share the cores (seen: 23 s/it
     # instead of 3); the children inherit this unless the caller chose otherwise.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
+    load_before = os.getloadavg()[0]
+    print(f"load average before: {load_before:.2f} on {os.cpu_count()} CPUs "
           f"(timings are only meaningful on an idle machine); OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     results = {}
     for mode in modes:
@@ -159,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     if "supervised" in results and "cps" in results:
         ratio = results["cps"]["s_per_iter"] / results["supervised"]["s_per_iter"]
         print(f"CPS / supervised time per iteration: {ratio:.2f}x")
+    if "cps" in results and "bare" in results:
+        overhead = results["cps"]["s_per_iter"] / results["bare"]["s_per_iter"]
+        print(f"trainer overhead, CPS iteration / bare step of the two nets on the same samples: {overhead:.2f}x")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"modes": results, "load_before": load_before,
+                                         "load_after": os.getloadavg()[0]}, indent=1))
     return 0
 
 

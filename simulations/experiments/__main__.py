@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from simulations.experiments import cross_phase
+from simulations.experiments import aggregation, cross_phase
 
-EXPERIMENTS = {"cross-phase": cross_phase.main}
+EXPERIMENTS = {"cross-phase": cross_phase.main, "robust-aggregation": aggregation.robust_main,
+               "dp-cost": aggregation.dp_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,3 +136,17 @@ def center_profile(name: str) -> CenterProfile:
                    noise=float(r.uniform(0.02, 0.045)), bias=float(r.uniform(0.1, 0.35)),
                    fat_suppression=float(r.uniform(0.75, 0.95)))
 
+
+#: LiQA's training centres: the first names `training_center_names` gives.
+LIQA_TRAINING_CENTERS: tuple[str, ...] = ("A", "B1", "B2")
+
+
+def training_center_names(n: int) -> tuple[str, ...]:
+    """`n` distinct training-centre names for federations larger than LiQA's: A, B1, B2, then H04,
+    H05, ... (letters and digits, as a site name must be). A new name gets its scanner profile and
+    grid from `center_profile` and `GeometryProfile.center`, seeded by the name, so the existing
+    centres generate exactly what they did and a new centre the same whatever `n` is."""
+    if n < 1:
+        raise ValueError(f"training centres: need at least 1, got {n}")
+    extra = tuple(f"H{i:02d}" for i in range(len(LIQA_TRAINING_CENTERS) + 1, n + 1))
+    return (LIQA_TRAINING_CENTERS + extra)[:n]
