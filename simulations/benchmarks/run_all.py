@@ -44,30 +44,33 @@ class Stage:
     args: dict[str, tuple[str, ...]]  # size (demo, liqa, quick) -> command-line arguments
 
 
+
+def _volume_args(demo_repeats: int, liqa_repeats: int, extra: tuple[str, ...] = (),
+                 large_extra: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    """Arguments of a bench that takes a volume (inference, preprocessing) at each size; `large_extra`
+    is left out at the demo's size only."""
+    return {"demo": ("--threads", "2", "--repeats", str(demo_repeats), *extra),
+            "liqa": ("--threads", "2", "--repeats", str(liqa_repeats), *extra, *large_extra, *LIQA_VOLUME),
+            "quick": ("--threads", "1", "--repeats", "1", *extra, *large_extra, *TINY_VOLUME)}
+
 STAGES: dict[str, Stage] = {
     "inference": Stage(
         "bench_inference", "Inference, no mirroring",
         "`fedliver predict`'s path (`common.inference.predict_image`) vs `nnUNetPredictor.predict_single_npy_array` "
         "(same STU-Net weights, plans, step 0.5, Gaussian), NIfTI file in, segmentation on the raw grid out; "
         "median seconds per volume; peak RSS of one prediction in a fresh process per side.",
-        {"demo": ("--threads", "2", "--repeats", "3"),
-         "liqa": ("--threads", "2", "--repeats", "1", *LIQA_VOLUME),
-         "quick": ("--threads", "1", "--repeats", "1", *TINY_VOLUME)}),
+        _volume_args(demo_repeats=3, liqa_repeats=1)),
     "inference-mirror": Stage(
         "bench_inference", "Inference, with mirroring",
         "As above with test-time mirroring in both (8 flips: 8x the work). At LiQA size one repeat and no "
         "peak-memory processes (the accumulators are the same as without mirroring).",
-        {"demo": ("--threads", "2", "--repeats", "3", "--mirror"),
-         "liqa": ("--threads", "2", "--repeats", "1", "--mirror", "--no-memory", *LIQA_VOLUME),
-         "quick": ("--threads", "1", "--repeats", "1", "--mirror", "--no-memory", *TINY_VOLUME)}),
+        _volume_args(demo_repeats=3, liqa_repeats=1, extra=("--mirror",), large_extra=("--no-memory",))),
     "preprocessing": Stage(
         "bench_preprocessing", "Preprocessing of one volume",
         "`common.preprocessing.preprocess_image` vs `DefaultPreprocessor.run_case` alone (crop, z-score, "
         "resampling to the plans' spacing, here the volume's own); the site cache's hit vs its miss. One "
         "process runs all four, so its peak RSS is theirs together.",
-        {"demo": ("--threads", "2", "--repeats", "3"),
-         "liqa": ("--threads", "2", "--repeats", "3", *LIQA_VOLUME),
-         "quick": ("--threads", "1", "--repeats", "1", *TINY_VOLUME)}),
+        _volume_args(demo_repeats=3, liqa_repeats=3)),
     "trainer": Stage(
         "bench_trainer", "Local training",
         "One `CPSTrainer` iteration (both nets, nnU-Net augmentation in the background prefetcher): CPS "
