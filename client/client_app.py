@@ -246,8 +246,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     # Training cases are never scored: validation (selection only) and test (report only) stay apart.
     held_out = site.identity.role == "eval"
-    # Run config `evaluate-phases`: which phases' test cases are scored (validation is GED4 anyway).
-    phases = parse_phase_list(str(context.run_config.get("evaluate-phases", "*")), "evaluate-phases")
+    # Run config `evaluate-phases`, as the server parsed it: which phases' test cases are scored.
+    phases = parse_phase_list(str(config.get("evaluate-phases", "*")), "evaluate-phases")
     test_pairs = [(case, phase) for case, phase in site.test_pairs() if phases is None or phase in phases]
     test = score(test_pairs if held_out or bool(config.get("evaluate-test", True)) else [])
     validation = score(site.validation_pairs())

@@ -130,7 +130,7 @@ class FederationConfig:
     evaluate_step: float = 0.5  # sliding-window step (fraction of the patch) for evaluation
     postprocessing: Postprocessing = Postprocessing()  # largest liver component on GED4 predictions
     evaluate_train_sites: bool = True  # training sites also score their test split (validation: always)
-    evaluate_phases: tuple[str, ...] | None = None  # phases of test cases scored (None: all); sites read it too
+    evaluate_phases: tuple[str, ...] | None = None  # phases of test cases scored (None: all); sent to sites
     agreement_volumes: int = 1  # unlabeled volumes per phase for the branch-agreement signal
     device: str = "auto"  # sites' torch device (node config `device` overrides; resolved by the ClientApp)
     seed: int = 0

@@ -195,6 +195,11 @@ class ManagedProcess:
                 self.popen.wait(timeout=10.0)
             except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
                 pass
+        # SIGKILL is delivered asynchronously and a large process (torch) takes a moment to tear
+        # down: return once none of them runs, so callers see the crash as complete.
+        deadline = time.monotonic() + 10.0
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
         return pids
 
     def stop(self, timeout: float = 5.0) -> int | None:

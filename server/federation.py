@@ -202,6 +202,7 @@ class Federation:
                 "qualitative": server_round == c.num_rounds,
                 "evaluate-step": c.evaluate_step,
                 "evaluate-test": c.evaluate_train_sites,  # training sites' test split (held-out centres: always)
+                "evaluate-phases": ",".join(c.evaluate_phases or ("*",)),  # phases whose test cases are scored
                 **{f"postprocessing-{k}": v for k, v in c.postprocessing.to_info().items()},
                 "agreement-volumes": c.agreement_volumes,
             }
