@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from common.image_io import DEFAULT_READER, image_reader
+
 if TYPE_CHECKING:
     from common.discovery import Problem
 
@@ -377,10 +379,9 @@ def analyze_image(image: Path, mask: Path | None) -> tuple[list[float], list[int
     after crop, foreground intensities or None). Same reader and crop as
     `DatasetFingerprintExtractor.analyze_case`, but keeps every foreground voxel (for exact sums)
     and also takes unlabeled images (spacing and shape only)."""
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 
-    io = SimpleITKIO()
+    io = image_reader(DEFAULT_READER)  # the reader the plans will name: spacings and shapes in its axis order
     data, props = io.read_images([str(image)])
     if np.isnan(data).any():
         raise ValueError(f"{image}: image contains NaN values")

@@ -387,6 +387,7 @@ def predict_image(nets: Sequence[nn.Module] | nn.Module, image: Path, plans: dic
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from common.image_io import to_file_order
     from common.nifti import read_info
     from common.planning import CONFIGURATION, DATASET_JSON
     from common.postprocessing import check_method, postprocess_mask
@@ -412,7 +413,7 @@ def predict_image(nets: Sequence[nn.Module] | nn.Module, image: Path, plans: dic
         seg = convert_predicted_logits_to_segmentation_with_correct_shape(
             probs.contiguous(), plans_manager, configuration, plans_manager.get_label_manager(dict(DATASET_JSON)),
             properties, return_probabilities=False, num_threads_torch=torch.get_num_threads())
-    seg = np.asarray(seg)
+    seg = to_file_order(np.asarray(seg), properties)  # undo the plans' reader's reorientation
     expected = tuple(reversed(info.geometry.size))
     if seg.shape != expected:
         raise RuntimeError(f"{image}: prediction shape {seg.shape} (z, y, x) does not match the input {expected}")

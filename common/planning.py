@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from common.image_io import DEFAULT_READER
 from common.nnunet_env import private_nnunet_env
 
 if TYPE_CHECKING:  # avoid importing the fingerprint module (and numpy work) just for a type
@@ -145,7 +146,7 @@ def default_test_plans(patch_size=(16, 32, 32), spacing=(4.0, 3.0, 3.0), size: s
         "plans_name": PLANS_NAME,
         "original_median_spacing_after_transp": [float(s) for s in spacing],
         "original_median_shape_after_transp": [int(p) * 2 for p in patch],
-        "image_reader_writer": "SimpleITKIO",
+        "image_reader_writer": DEFAULT_READER,
         "transpose_forward": [0, 1, 2],
         "transpose_backward": [0, 1, 2],
         "configurations": {CONFIGURATION: conf},
@@ -197,6 +198,7 @@ def plan_from_fingerprint(fp: "SiteFingerprint", config: PlanningConfig | None =
     plans = {k: deepcopy(v) for k, v in nn_plans.items() if k != "configurations"}
     plans["configurations"] = {CONFIGURATION: _adapt_configuration(nn_plans["configurations"][CONFIGURATION], config)}
     plans["experiment_planner_used"] = "ExperimentPlanner"
+    plans["image_reader_writer"] = DEFAULT_READER  # the fingerprint's reader, not the placeholder's
     plans["fedliver"] = {
         "planner_patch_size": list(nn_plans["configurations"][CONFIGURATION]["patch_size"]),
         "planner_strides": nn_plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"]["strides"],

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from common.image_io import image_reader, reader_name
 from common.planning import CONFIGURATION, DATASET_JSON, plans_hash
 from common.hashing import sha256_file
 
@@ -60,21 +61,21 @@ def preprocess_image(image: Path, plans: dict, mask: Path | None = None,
       properties: JSON-safe dict with `spacing` (z, y, x, of the input), `shape_before_cropping`,
             `bbox_used_for_cropping`, `shape_after_cropping_and_before_resampling`,
             `shape_after_resampling`, `target_spacing` and `sitk_stuff` (SimpleITK's
-            spacing/origin/direction in (x, y, z) order): all that
+            spacing/origin/direction in (x, y, z) order, after the plans' reader reoriented the
+            image, and the file's `original_orientation` when it did): all that
             `nnunetv2.inference.export_prediction.convert_predicted_logits_to_segmentation_with_correct_shape`
             needs to put a prediction back on the raw grid.
     Raises ValueError with the file named when the mask's grid does not match the image.
     nnU-Net's `class_locations` (foreground samples for oversampling) are dropped: they are
     arrays, not JSON; derive them from `seg` when needed.
     """
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     image, mask = Path(image), (Path(mask) if mask is not None else None)
     plans_manager = PlansManager(plans)
     configuration = plans_manager.get_configuration(CONFIGURATION)
-    io = SimpleITKIO()
+    io = image_reader(reader_name(plans))  # the plans' reader: RAS for fedliver's plans (common.image_io)
     data, props = io.read_images([str(image)])
     seg = None
     if mask is not None:

@@ -324,6 +324,7 @@ def test_predict_image_matches_reference_path(tmp_path, spacing_xyz):
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from common.image_io import to_file_order
     from common.planning import CONFIGURATION, DATASET_JSON
     from common.preprocessing import preprocess_image
 
@@ -346,8 +347,8 @@ def test_predict_image_matches_reference_path(tmp_path, spacing_xyz):
     got = sitk.GetArrayFromImage(predict_image(nets, path, plans))
 
     probs = _reference_sliding_window(nets, torch.from_numpy(data), tuple(conf.patch_size))
-    ref = np.asarray(convert_predicted_logits_to_segmentation_with_correct_shape(
-        probs, manager, conf, manager.get_label_manager(dict(DATASET_JSON)), props, num_threads_torch=1))
+    ref = to_file_order(np.asarray(convert_predicted_logits_to_segmentation_with_correct_shape(
+        probs, manager, conf, manager.get_label_manager(dict(DATASET_JSON)), props, num_threads_torch=1)), props)
     assert got.shape == ref.shape == raw.shape
     assert 0.1 < ref[raw > 0].mean() < 0.9
     assert (got == ref).mean() >= 0.999, (got != ref).sum()

@@ -151,6 +151,8 @@ def test_nnunet_builds_the_same_net_and_preprocessing(setup, predictor):
 def test_nnunet_predictor_matches_fedliver_predict(setup, predictor, capsys):
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
+    from common.image_io import to_file_order
+
     root, model, _, inputs = setup
     nn_out = root / "pred_nnunet"
     nn_out.mkdir()
@@ -183,9 +185,9 @@ def test_nnunet_predictor_matches_fedliver_predict(setup, predictor, capsys):
             probs.append(torch.softmax(predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float(), 0))
     finally:
         predictor.list_of_parameters = folds
-    seg = convert_predicted_logits_to_segmentation_with_correct_shape(
+    seg = to_file_order(np.asarray(convert_predicted_logits_to_segmentation_with_correct_shape(
         sum(probs) / len(probs), predictor.plans_manager, predictor.configuration_manager,
-        predictor.label_manager, props)
+        predictor.label_manager, props)), props)  # back from the plans' reader's (RAS) order, as write_seg does
     same_rule = _dice(np.asarray(seg), _array(fl_out / name / "GED4_pred.nii.gz"))
     with capsys.disabled():
         print(f"{name}, nnU-Net probabilities resampled: Dice {same_rule:.4f}")

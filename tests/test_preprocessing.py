@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from common.discovery import Case, Problem
+from common.image_io import to_file_order
 from common.planning import default_test_plans
 from common.preprocessing import PreprocessingCache, preprocess_case_phases, preprocess_image
 
@@ -72,7 +73,7 @@ def test_preprocess_image_matches_nnunet_and_inverts_to_raw_grid(case, plans):
                                  plans["configurations"]["3d_fullres"]["spacing"])
     assert list(data.shape[1:]) == list(expected) == props["shape_after_resampling"]
     assert props["spacing"] == [SPACING_XYZ[2], SPACING_XYZ[1], SPACING_XYZ[0]]
-    assert props["sitk_stuff"]["origin"] == [10.0, -5.0, 2.0]
+    assert props["sitk_stuff"]["original_orientation"] == "LAS"  # the file's; the arrays are RAS
     # labels: 0/1 plus nnU-Net's -1 outside the nonzero region (the ellipsoid leaves zero corners)
     assert set(np.unique(seg).tolist()) == {-1, 0, 1}
     # per-image z-score over the cropped image
@@ -82,9 +83,9 @@ def test_preprocess_image_matches_nnunet_and_inverts_to_raw_grid(case, plans):
     # properties suffice to put a prediction back on the raw grid with nnU-Net's own export
     pm = PlansManager(plans)
     logits = np.stack([seg[0] != 1, seg[0] == 1]).astype(np.float32)
-    back = convert_predicted_logits_to_segmentation_with_correct_shape(
+    back = to_file_order(convert_predicted_logits_to_segmentation_with_correct_shape(
         logits, pm, pm.get_configuration("3d_fullres"), pm.get_label_manager(DATASET_JSON), props,
-        num_threads_torch=1)
+        num_threads_torch=1), props)
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case.masks["GED4"]))) > 0
     assert back.shape == truth.shape
     dice = 2 * np.logical_and(back > 0, truth).sum() / ((back > 0).sum() + truth.sum())

@@ -5,7 +5,7 @@ reference mask in IN:
   - a LiQA tree: <case folder>/mask_<PHASE>.nii.gz; an nnU-Net raw dataset: labelsTr/<case>.nii.gz
     (every phase of the case; dataset.json's liver/tumour labels count as liver);
   - otherwise IN/<case>/mask_<PHASE>.nii.gz, or IN/<case>.nii.gz for GED4.
-Writes per case, per phase Dice and HD95 (mm) with a per-phase summary (mean, median, n) to
+Writes per case, per phase Dice and HD95 (mm) with a per-phase summary (mean, sd, median, n) to
 OUT/evaluation.json (or --json FILE) and prints a table. HD95 is the larger of the two directed
 95th percentiles of surface distances (MONAI's definition); an empty prediction or reference (not
 both) scores the diagonal of the volume in mm, both empty score Dice 1 and HD95 0.
@@ -86,11 +86,12 @@ class TruthLookup:
 
 
 def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "median": statistics.median(values), "n": len(values)}
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0  # sample sd, as the federation's reports
+    return {"mean": statistics.fmean(values), "sd": sd, "median": statistics.median(values), "n": len(values)}
 
 
 def summarise(results: dict[str, dict[str, dict]]) -> dict[str, dict]:
-    """Per phase {"dice": {mean, median, n}, "hd95": {...}} over cases."""
+    """Per phase {"dice": {mean, sd, median, n}, "hd95": {...}} over cases."""
     by_phase: dict[str, dict[str, list[float]]] = {}
     for phases in results.values():
         for phase, m in phases.items():
@@ -104,10 +105,10 @@ def summarise(results: dict[str, dict[str, dict]]) -> dict[str, dict]:
 
 
 def format_table(summary: dict[str, dict]) -> str:
-    lines = [f"{'phase':<8} {'n':>4} {'Dice mean':>10} {'Dice med':>9} {'HD95 mean':>10} {'HD95 med':>9}"]
+    lines = [f"{'phase':<8} {'n':>4} {'Dice mean':>10} {'sd':>7} {'Dice med':>9} {'HD95 mean':>10} {'HD95 med':>9}"]
     for phase, s in summary.items():
-        lines.append(f"{phase:<8} {s['dice']['n']:>4} {s['dice']['mean']:>10.4f} {s['dice']['median']:>9.4f} "
-                     f"{s['hd95']['mean']:>10.2f} {s['hd95']['median']:>9.2f}")
+        lines.append(f"{phase:<8} {s['dice']['n']:>4} {s['dice']['mean']:>10.4f} {s['dice']['sd']:>7.4f} "
+                     f"{s['dice']['median']:>9.4f} {s['hd95']['mean']:>10.2f} {s['hd95']['median']:>9.2f}")
     return "\n".join(lines)
 
 

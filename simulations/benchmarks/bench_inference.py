@@ -3,7 +3,7 @@
 Both start from the same NIfTI file and end with a segmentation on its raw grid, with the same
 STU-Net weights, plans, step 0.5, Gaussian weighting and no mirroring (unless --mirror):
   ours:     predict_image([net], file, plans)
-  baseline: SimpleITKIO().read_images + nnUNetPredictor(device=cpu).manual_initialization(...)
+  baseline: the plans' reader (SimpleITKIOWithReorient) + nnUNetPredictor(device=cpu).manual_initialization(...)
             + predict_single_npy_array (nnU-Net averages logits and accumulates in fp16)
 Both are warmed up on a one-patch volume (imports, caches, oneDNN kernels for the patch shape), then
 timed in turns, ours and the baseline alternating which goes first, so a busy machine slows both
@@ -71,10 +71,10 @@ def _predictors(args):
     import numpy as np
     import SimpleITK as sitk
     import torch
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from common.image_io import image_reader, reader_name, to_file_order
     from common.inference import predict_image
     from common.planning import CONFIGURATION, DATASET_JSON, default_test_plans
     from common.stunet import build_stunet_from_plans
@@ -86,6 +86,7 @@ def _predictors(args):
     net = build_stunet_from_plans(plans, deep_supervision=False).to(device).eval()
 
     plans_manager = PlansManager(plans)
+    reader = image_reader(reader_name(plans))  # the plans' reader, as nnU-Net's predictor would pick
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.mirror,
                                 perform_everything_on_device=device.type == "cuda", device=device,
                                 allow_tqdm=False)
@@ -98,11 +99,11 @@ def _predictors(args):
             torch.cuda.synchronize()
 
     def baseline(file: Path):
-        data, props = SimpleITKIO().read_images([str(file)])
+        data, props = reader.read_images([str(file)])
         with contextlib.redirect_stdout(io.StringIO()):
             seg = predictor.predict_single_npy_array(data, props)
         sync()
-        return np.asarray(seg)
+        return to_file_order(np.asarray(seg), props)  # as nnU-Net's write_seg puts it back
 
     def ours(file: Path):
         seg = sitk.GetArrayFromImage(predict_image([net], file, plans, mirror=args.mirror))
