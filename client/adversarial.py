@@ -78,7 +78,8 @@ def adversarial_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -
     if adversary is None or reply.has_error() or "arrays" not in reply.content.array_records:
         return reply
     config = msg.content["config"]
-    rng = np.random.default_rng([int(config.get("seed", 0)), int(ctxt.node_config["partition-id"])])  # type: ignore[arg-type]
+    round_seed = int(config.get("seed", 0)) + 1000 * int(config.get("server-round", 0))  # as the site's trainer
+    rng = np.random.default_rng([round_seed, int(ctxt.node_config["partition-id"])])  # type: ignore[arg-type]
     trained, received = from_arrayrecord(reply.content["arrays"]), from_arrayrecord(msg.content["arrays"])
     reply.content["arrays"] = to_arrayrecord(corrupt_update(adversary, trained, received, rng))
     print(f"[site {site}] simulation: sending a {adversary.kind} update (adversarial-sites)", flush=True)

@@ -29,11 +29,13 @@ from client.evaluation import SiteEvaluation, evaluate_pairs, write_qualitative_
 from client.site import SiteData, resolve_identity
 from client.trainer import CPSTrainer, TrainerConfig
 from common.device import describe, resolve_device
+from common.federation_config import parse_sites
 from common.label_transfer_config import LabelTransferConfig
 from common.phases import parse_phase_list
 from common.fingerprint import FingerprintConfig, compute_site_fingerprint
 from common.planning import plans_hash
 from common.postprocessing import Postprocessing
+from common import run_config as schema
 from common.quantization import update_encoding_mod
 from common.scores import VALIDATION_PREFIX
 from common.splits import TEST, VALIDATION
@@ -51,6 +53,13 @@ app = ClientApp()
 
 LOCAL_NORM_KEY = "local-norm"
 MOMENTUM_KEY = "optimizer-momentum"
+LABEL_TRANSFER_KEYS = tuple(LabelTransferConfig().to_dict_hyphenated())  # location-scale, non-contrast, ...
+
+
+def setting(config: Mapping[str, object], key: str) -> object:
+    """Run-config `key` as the server sent it in a message's config (under its schema name), else
+    the schema's default (common/run_config.py)."""
+    return config[key] if key in config else schema.default(key)
 
 
 def _site(context: Context) -> SiteData:
@@ -61,7 +70,7 @@ def site_device(site: str, node_config: Mapping[str, object], run_config: Mappin
     """The site's torch device: node config `device` (a site matter: `--node-config "device='cuda:1'"`)
     over run config `device` (default `auto`: a CUDA GPU when the node has one). One-line ValueError
     naming the site for a device it does not have."""
-    spec = node_config.get("device") or run_config.get("device") or "auto"
+    spec = node_config.get("device") or run_config.get("device") or schema.default("device")
     try:
         return resolve_device(str(spec))
     except ValueError as error:
@@ -82,15 +91,36 @@ def _verified_plans(config: ConfigRecord) -> tuple[dict, str]:
     return plans, local_hash
 
 
+def _cannot_take_part(msg: Message, site: str, role: str, error: object) -> Message:
+    """The identify reply of a node without usable data: the server names it and goes on without
+    it (or, with too few training sites left, fails the run at once with this reason)."""
+    print(f"[site {site}] cannot take part: {error}", flush=True)
+    identity = ConfigRecord({"site": site, "role": role, "error": str(error)[-300:]})
+    return Message(RecordDict({"identity": identity, "counts": MetricRecord({"cases": 0})}), reply_to=msg)
+
+
+def _partition_assignment(context: Context) -> tuple[str, str]:
+    """(site, role) a simulation node plays by its partition id, as far as run config `sites` says."""
+    partition = context.node_config.get("partition-id", "?")
+    try:
+        assignment = parse_sites(str(setting(context.run_config, "sites")))[int(partition)]  # type: ignore[arg-type]
+    except (ValueError, IndexError, TypeError):
+        return f"partition {partition}", "train"
+    return assignment.site, assignment.role
+
+
 @app.query("identify")
 def identify(msg: Message, context: Context) -> Message:
-    site = _site(context)
+    try:
+        site = _site(context)
+    except ValueError as err:  # simulation: an empty data-root, a partition without a site
+        return _cannot_take_part(msg, *_partition_assignment(context), err)
     try:
         problems = site.index.problems
+        if not site.cases:  # the site's folder is missing or holds no usable case
+            raise ValueError("; ".join(str(p) for p in problems[:3]) or f"{site.identity.data_dir}: no usable case")
     except Exception as err:  # noqa: BLE001  (no usable data: say so under the site's name)
-        _log(site, f"cannot take part: {err}")
-        identity = ConfigRecord({"site": site.identity.site, "role": site.identity.role, "error": str(err)[-300:]})
-        return Message(RecordDict({"identity": identity, "counts": MetricRecord({"cases": 0})}), reply_to=msg)
+        return _cannot_take_part(msg, site.identity.site, site.identity.role, err)
     for problem in problems:
         _log(site, str(problem))
     counts = MetricRecord(
@@ -129,7 +159,7 @@ def central_dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCal
 def simulated_adversary_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Run config `adversarial-sites`, honoured on simulation nodes only (client/adversarial.py);
     a deployed SuperNode names its site in node_config and never gets here."""
-    if "site" in ctxt.node_config or not str(ctxt.run_config.get("adversarial-sites", "")).strip():
+    if "site" in ctxt.node_config or not str(setting(ctxt.run_config, "adversarial-sites")).strip():
         return call_next(msg, ctxt)
     from client.adversarial import adversarial_mod
 
@@ -146,10 +176,9 @@ def train(msg: Message, context: Context) -> Message:
         _log(site, f"training on {describe(device)}, mixed precision fp16")
     config = msg.content["config"]
     plans, local_hash = _verified_plans(config)
-    torch.set_num_threads(max(1, int(config.get("threads", torch.get_num_threads()))))
 
-    volumes = site.training_volumes(plans, include_unlabeled=str(config["mode"]) == "cps",
-                                    propagate_labels=bool(config.get("propagate-labels", False)))
+    volumes = site.training_volumes(plans, include_unlabeled=str(setting(config, "mode")) == "cps",
+                                    propagate_labels=bool(setting(config, "propagate-labels")))
     for problem in volumes.problems:
         _log(site, str(problem))
     if not volumes.labeled:
@@ -157,7 +186,7 @@ def train(msg: Message, context: Context) -> Message:
 
     global_flat = from_arrayrecord(msg.content["arrays"])
     branches = unflatten(global_flat)
-    local_norm = bool(config.get("local-norm", False))
+    local_norm = bool(setting(config, "local-norm"))
     if local_norm and LOCAL_NORM_KEY in context.state:  # FedBN: this site's own norm scale/shift
         for key, value in from_arrayrecord(context.state[LOCAL_NORM_KEY]).items():
             branch, _, name = key.partition(".")
@@ -167,18 +196,19 @@ def train(msg: Message, context: Context) -> Message:
     trainer.cross_term_enabled = bool(config.get("cps-enabled", True))  # the server's validation gate
     reference = to_torch(branches)
     trainer.load_state_dicts(reference)
-    keep_momentum = bool(config.get("local-momentum", False))
+    keep_momentum = bool(setting(config, "local-momentum"))
     if keep_momentum and MOMENTUM_KEY in context.state:
         restored = trainer.load_momentum_buffers(from_arrayrecord(context.state[MOMENTUM_KEY]))
         _log(site, f"momentum of {restored} parameters carried over from the last round")
+    iterations, server_round = int(setting(config, "local-iterations")), int(config["server-round"])
     stats = trainer.train(
-        int(config["iterations"]),
-        start_iteration=int(config["start-iteration"]),
-        total_iterations=int(config["total-iterations"]),
-        reference=reference if float(config.get("proximal-mu", 0.0)) > 0 else None,
+        iterations,
+        start_iteration=(server_round - 1) * iterations,  # the lr and the CPS ramp-up go on across rounds
+        total_iterations=int(setting(config, "num-server-rounds")) * iterations,
+        reference=reference if float(setting(config, "proximal-mu")) > 0 else None,
         log=lambda line: _log(site, line),
     )
-    per_phase = int(config.get("agreement-volumes", 1))
+    per_phase = int(setting(config, "agreement-volumes"))
     agreement = trainer.branch_agreement(volumes.unlabeled, max_per_phase=per_phase) if per_phase > 0 else {}
 
     updated = flatten(trainer.state_dicts())
@@ -208,19 +238,23 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _trainer_config(config: ConfigRecord, device: torch.device | str = "cpu") -> TrainerConfig:
+    """The round's trainer settings from the train message's config (run-config names)."""
+    def get(key: str) -> object:
+        return setting(config, key)
+
     return TrainerConfig(
         device=str(device),
-        mode=str(config["mode"]),
-        batch_size=int(config["batch-size"]),
-        unlabeled_batch_size=int(config.get("unlabeled-batch-size", config["batch-size"])),
-        learning_rate=float(config["learning-rate"]),
-        lambda_max=float(config["cps-lambda-max"]),
-        rampup_iterations=int(config["rampup-iterations"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        cps_confidence=float(config.get("cps-confidence", 0.0)),
-        balance_phases=bool(config.get("balance-phases", True)),
-        label_transfer=LabelTransferConfig.from_hyphenated(config),
-        seed=int(config["seed"]),
+        mode=str(get("mode")),
+        batch_size=int(get("batch-size")),
+        unlabeled_batch_size=int(get("unlabeled-batch-size")),
+        learning_rate=float(get("learning-rate")),
+        lambda_max=float(get("cps-lambda-max")),
+        rampup_iterations=int(get("cps-rampup-rounds")) * int(get("local-iterations")),
+        proximal_mu=float(get("proximal-mu")),
+        cps_confidence=float(get("cps-confidence")),
+        balance_phases=bool(get("balance-phases")),
+        label_transfer=LabelTransferConfig.from_hyphenated({key: get(key) for key in LABEL_TRANSFER_KEYS}),
+        seed=int(get("seed")) + 1000 * int(config["server-round"]),  # each round samples anew
     )
 
 
@@ -237,17 +271,17 @@ def evaluate(msg: Message, context: Context) -> Message:
         net.load_state_dict(branches[name])
         nets.append(net.eval())
     started = time.perf_counter()
-    postprocessing = Postprocessing.parse(str(config.get("postprocessing-method", "none")),
-                                          str(config.get("postprocessing-phases", "*")))
+    postprocessing = Postprocessing.parse(str(setting(config, "postprocessing")),
+                                          str(setting(config, "postprocessing-phases")))
 
     def score(pairs: list) -> SiteEvaluation:
-        return evaluate_pairs(nets, plans, pairs, step=float(config.get("evaluate-step", 0.5)),
+        return evaluate_pairs(nets, plans, pairs, step=float(setting(config, "evaluate-step")),
                               postprocessing=postprocessing, log=lambda line: _log(site, line), device=device)
 
     # Training cases are never scored: validation (selection only) and test (report only) stay apart.
     held_out = site.identity.role == "eval"
     # Run config `evaluate-phases`, as the server parsed it: which phases' test cases are scored.
-    phases = parse_phase_list(str(config.get("evaluate-phases", "*")), "evaluate-phases")
+    phases = parse_phase_list(str(setting(config, "evaluate-phases")), "evaluate-phases")
     test_pairs = [(case, phase) for case, phase in site.test_pairs() if phases is None or phase in phases]
     test = score(test_pairs if held_out or bool(config.get("evaluate-test", True)) else [])
     validation = score(site.validation_pairs())
@@ -256,7 +290,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     server_round = int(config.get("server-round", 0))
     summary = _dice_summary({"test": test, "validation": validation})
     _log(site, f"round {server_round} evaluation in {time.perf_counter() - started:.1f}s: {summary}")
-    if bool(config.get("qualitative", False)):
+    if server_round == int(setting(config, "num-server-rounds")):  # the last round: a picture of it
         png = site.identity.output_dir / f"qualitative_{site.identity.site}.png"
         shown, split = (test, "test") if test.examples else (validation, "validation")
         write_qualitative_png(shown, png, f"site {site.identity.site}, {split} split, round {server_round}")

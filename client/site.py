@@ -69,7 +69,8 @@ def resolve_identity(node_config: Mapping[str, object], run_config: Mapping[str,
     if partition >= len(config.sites):
         raise ValueError(f"partition {partition} has no site in run config 'sites' ({len(config.sites)} given)")
     if config.data_root is None:
-        raise ValueError("run config 'data-root' is empty: the simulation needs the phantom tree")
+        raise ValueError("run config 'data-root' is empty: a simulation reads every site under it; give the folder "
+                         "holding the Vendor_<X> trees, e.g. --run-config \"data-root='/abs/phantoms'\"")
     assignment = config.sites[partition]
     site_dir = config.run_dir / "sites" / assignment.site
     return SiteIdentity(

@@ -1,19 +1,21 @@
 """The run configuration of a federation, read from Flower's run config (pyproject `[tool.flwr.app.config]`).
 
 Both apps read it: the ServerApp for the schedule and aggregation, the ClientApp for its local
-trainer, so it lives in `common`.
+trainer, so it lives in `common`. The keys, their types and defaults are declared once, in
+`common/run_config.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.aggregation_config import AggregationConfig
-from common.label_transfer_config import DEFAULT_LABEL_TRANSFER, LabelTransferConfig
+from common.label_transfer_config import LabelTransferConfig
 from common.phases import parse_phase_list
 from common.postprocessing import Postprocessing
+from common.run_config import validate as validate_run_config
 
 ROLES = ("train", "eval")
 
@@ -94,46 +96,53 @@ def parse_patch(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
+WEIGHTINGS = ("labeled", "samples", "uniform")
+MODES = ("cps", "supervised")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
+    """The run config, parsed; built by `from_run_config`, whose defaults are the schema's
+    (common/run_config.py): no field has a default of its own."""
+
     data_root: Path | None
     run_dir: Path
     sites: tuple[SiteAssignment, ...]
-    num_rounds: int = 5
-    local_iterations: int = 30
-    evaluate_every: int = 1
-    net_size: str = "T"
-    base_width: int | None = None  # None: the size's published width
-    patch_size: tuple[int, int, int] = (32, 64, 64)
-    batch_size: int = 2
-    unlabeled_batch_size: int = 2
-    learning_rate: float = 0.01
-    mode: str = "cps"
-    cps_lambda_max: float = 1.0
-    cps_rampup_rounds: int = 2
-    cps_confidence: float = 0.0  # cross term only where the teacher's softmax exceeds this (0: all voxels)
-    cps_gate: float = 0.0  # cross term off until the validation GED4 Dice of the last round reaches this
-    balance_phases: bool = True  # batches draw a phase first, then a volume
-    propagate_labels: bool = True  # labeled cases' other phases train under their GED4 mask (scanner coordinates)
-    label_transfer: LabelTransferConfig = DEFAULT_LABEL_TRANSFER  # augmentations of labeled samples
-    weighted_by: str = "labeled"
-    proximal_mu: float = 0.0
-    server_momentum: float = 0.0
-    local_norm: bool = False
-    local_momentum: bool = False  # sites keep their SGD momentum between rounds (context.state)
-    fp16_transport: bool = False
-    aggregation: AggregationConfig = field(default_factory=AggregationConfig)  # strategy, DP, int8 updates
-    min_train_nodes: int = 1
-    round_timeout_s: float = 3600.0
-    node_wait_s: float = 300.0
-    init_weights: str = ""
-    evaluate_step: float = 0.5  # sliding-window step (fraction of the patch) for evaluation
-    postprocessing: Postprocessing = Postprocessing()  # largest liver component on GED4 predictions
-    evaluate_train_sites: bool = True  # training sites also score their test split (validation: always)
-    evaluate_phases: tuple[str, ...] | None = None  # phases of test cases scored (None: all); sent to sites
-    agreement_volumes: int = 1  # unlabeled volumes per phase for the branch-agreement signal
-    device: str = "auto"  # sites' torch device (node config `device` overrides; resolved by the ClientApp)
-    seed: int = 0
+    num_rounds: int
+    local_iterations: int
+    evaluate_every: int
+    net_size: str
+    base_width: int | None  # None: the size's published width
+    patch_size: tuple[int, int, int]
+    batch_size: int
+    unlabeled_batch_size: int
+    learning_rate: float
+    mode: str
+    cps_lambda_max: float
+    cps_rampup_rounds: int
+    cps_confidence: float  # cross term only where the teacher's softmax exceeds this (0: all voxels)
+    cps_gate: float  # cross term off until the validation GED4 Dice of the last round reaches this
+    balance_phases: bool  # batches draw a phase first, then a volume
+    propagate_labels: bool  # labeled cases' other phases train under their GED4 mask (scanner coordinates)
+    label_transfer: LabelTransferConfig  # augmentations of labeled samples
+    weighted_by: str
+    proximal_mu: float
+    server_momentum: float
+    local_norm: bool
+    local_momentum: bool  # sites keep their SGD momentum between rounds (context.state)
+    fp16_transport: bool
+    aggregation: AggregationConfig  # strategy, DP, int8 updates
+    min_train_nodes: int
+    round_timeout_s: float
+    node_wait_s: float
+    init_weights: str
+    evaluate_step: float  # sliding-window step (fraction of the patch) for evaluation
+    postprocessing: Postprocessing  # e.g. the largest liver component on GED4 predictions
+    evaluate_train_sites: bool  # training sites also score their test split (validation: always)
+    evaluate_phases: tuple[str, ...] | None  # phases of test cases scored (None: all); sent to sites
+    agreement_volumes: int  # unlabeled volumes per phase for the branch-agreement signal
+    device: str  # sites' torch device (node config `device` overrides; resolved by the ClientApp)
+    seed: int
 
     @property
     def total_iterations(self) -> int:
@@ -145,55 +154,50 @@ class FederationConfig:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> FederationConfig:
-        def get(key: str, default: object) -> object:
-            return run_config.get(key, default)
-
-        data_root = str(get("data-root", ""))
-        run_dir = str(get("run-dir", "")) or "runs/federation"
-        weighted_by = str(get("weighted-by", "labeled"))
-        if weighted_by not in ("labeled", "samples", "uniform"):
-            raise ValueError(f"weighted-by must be labeled, samples or uniform, got {weighted_by!r}")
-        mode = str(get("mode", "cps"))
-        if mode not in ("cps", "supervised"):
-            raise ValueError(f"mode must be cps or supervised, got {mode!r}")
+        """Checked against the schema first: an unknown key (with the nearest valid one) or a value
+        of the wrong type is a one-line ValueError. A missing key takes the schema's default."""
+        v = validate_run_config(run_config)
+        if v["weighted-by"] not in WEIGHTINGS:
+            raise ValueError(f"weighted-by must be labeled, samples or uniform, got {v['weighted-by']!r}")
+        if v["mode"] not in MODES:
+            raise ValueError(f"mode must be cps or supervised, got {v['mode']!r}")
         return cls(
-            data_root=Path(data_root).resolve() if data_root else None,
-            run_dir=Path(run_dir).resolve(),
-            sites=tuple(parse_sites(str(get("sites", "")))),
-            num_rounds=int(get("num-server-rounds", 5)),
-            local_iterations=int(get("local-iterations", 30)),
-            evaluate_every=max(1, int(get("evaluate-every", 1))),
-            net_size=str(get("net-size", "T")),
-            base_width=int(get("net-width", 0)) or None,
-            patch_size=parse_patch(str(get("patch-size", "32,64,64"))),
-            batch_size=int(get("batch-size", 2)),
-            unlabeled_batch_size=int(get("unlabeled-batch-size", 2)),
-            learning_rate=float(get("learning-rate", 0.01)),
-            mode=mode,
-            cps_lambda_max=float(get("cps-lambda-max", 1.0)),
-            cps_rampup_rounds=int(get("cps-rampup-rounds", 2)),
-            cps_confidence=float(get("cps-confidence", 0.0)),
-            cps_gate=float(get("cps-gate", 0.0)),
-            balance_phases=bool(get("balance-phases", True)),
-            propagate_labels=bool(get("propagate-labels", True)),
-            label_transfer=LabelTransferConfig.from_hyphenated(run_config, DEFAULT_LABEL_TRANSFER),
-            weighted_by=weighted_by,
-            proximal_mu=float(get("proximal-mu", 0.0)),
-            server_momentum=float(get("server-momentum", 0.0)),
-            local_norm=bool(get("local-norm", False)),
-            local_momentum=bool(get("local-momentum", False)),
-            fp16_transport=bool(get("fp16-transport", False)),
-            aggregation=AggregationConfig.from_run_config(run_config),
-            min_train_nodes=int(get("min-train-nodes", 1)),
-            round_timeout_s=float(get("round-timeout", 3600.0)),
-            node_wait_s=float(get("node-wait", 300.0)),
-            init_weights=str(get("init-weights", "")),
-            evaluate_step=float(get("evaluate-step", 0.5)),
-            postprocessing=Postprocessing.parse(str(get("postprocessing", "largest-component")),
-                                                str(get("postprocessing-phases", "GED4"))),
-            evaluate_train_sites=bool(get("evaluate-train-sites", True)),
-            evaluate_phases=parse_phase_list(str(get("evaluate-phases", "*")), "evaluate-phases"),
-            agreement_volumes=int(get("agreement-volumes", 1)),
-            device=str(get("device", "auto")),
-            seed=int(get("seed", 0)),
+            data_root=Path(v["data-root"]).resolve() if v["data-root"] else None,
+            run_dir=Path(v["run-dir"] or "runs/federation").resolve(),
+            sites=tuple(parse_sites(v["sites"])),
+            num_rounds=v["num-server-rounds"],
+            local_iterations=v["local-iterations"],
+            evaluate_every=max(1, v["evaluate-every"]),
+            net_size=v["net-size"],
+            base_width=v["net-width"] or None,
+            patch_size=parse_patch(v["patch-size"]),
+            batch_size=v["batch-size"],
+            unlabeled_batch_size=v["unlabeled-batch-size"],
+            learning_rate=v["learning-rate"],
+            mode=v["mode"],
+            cps_lambda_max=v["cps-lambda-max"],
+            cps_rampup_rounds=v["cps-rampup-rounds"],
+            cps_confidence=v["cps-confidence"],
+            cps_gate=v["cps-gate"],
+            balance_phases=v["balance-phases"],
+            propagate_labels=v["propagate-labels"],
+            label_transfer=LabelTransferConfig.from_hyphenated(v),
+            weighted_by=v["weighted-by"],
+            proximal_mu=v["proximal-mu"],
+            server_momentum=v["server-momentum"],
+            local_norm=v["local-norm"],
+            local_momentum=v["local-momentum"],
+            fp16_transport=v["fp16-transport"],
+            aggregation=AggregationConfig.from_run_config(v),
+            min_train_nodes=v["min-train-nodes"],
+            round_timeout_s=v["round-timeout"],
+            node_wait_s=v["node-wait"],
+            init_weights=v["init-weights"],
+            evaluate_step=v["evaluate-step"],
+            postprocessing=Postprocessing.parse(v["postprocessing"], v["postprocessing-phases"]),
+            evaluate_train_sites=v["evaluate-train-sites"],
+            evaluate_phases=parse_phase_list(v["evaluate-phases"], "evaluate-phases"),
+            agreement_volumes=v["agreement-volumes"],
+            device=v["device"],
+            seed=v["seed"],
         )

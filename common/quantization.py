@@ -15,7 +15,7 @@ to SecAgg+), hence this one.
 
 On the site, `update_encoding_mod` is the outermost mod of the train handler: the handler, Flower's
 `fixedclipping_mod` and the simulation's adversarial mod all see float32 arrays; this one puts the
-reply on the wire (int8 deltas with `int8-updates`, else float16 with `fp16`, else float32).
+reply on the wire (int8 deltas with `int8-updates`, else float16 with `fp16-transport`, else float32).
 """
 
 from __future__ import annotations
@@ -102,6 +102,6 @@ def update_encoding_mod(msg: Message, ctxt: Context, call_next: ClientAppCallabl
     if bool(config.get("int8-updates", False)):
         encoded = encode_int8_delta(updated, from_arrayrecord(msg.content["arrays"]))
     else:
-        encoded = to_arrayrecord(updated, fp16=bool(config.get("fp16", False)))
+        encoded = to_arrayrecord(updated, fp16=bool(config.get("fp16-transport", False)))
     reply.content["arrays"] = encoded
     return reply

@@ -47,6 +47,17 @@ Log = Callable[[str], None]
 # come back, once per absence; after that rounds go on without it until it is connected again.
 REJOIN_WAIT_S = 90.0
 
+#: Keys of the messages' config records that are not run-config keys (common/run_config.py): what
+#: the protocol or this round says. Every other key a site reads travels under its run-config name.
+PROTOCOL_KEYS = {
+    "server-round": "the round (Flower's strategies set it too)",
+    "plans-json": "the federation's plans (round 0's merged fingerprints)",
+    "plans-sha256": "their hash: a site refuses plans that hash otherwise",
+    "cps-enabled": "the CPS cross term this round (cps-gate, judged on the validation scores)",
+    "evaluate-test": "evaluate messages: training sites score their test split this time",
+    "clipping_norm": "Flower's client-side DP wrapper: the norm the site clips its update to",
+}
+
 
 class Federation:
     def __init__(self, grid: Grid, config: FederationConfig, log: Log = print):
@@ -94,8 +105,11 @@ class Federation:
                 f"{int(counts['labeled-volumes'])} labeled / {int(counts['unlabeled-volumes'])} unlabeled volumes, "
                 f"{int(counts['problems'])} input problems"
             )
-        if len(self.training_nodes) < self.config.min_train_nodes:
-            raise RuntimeError(f"{len(self.training_nodes)} training nodes, {self.config.min_train_nodes} required")
+        if len(self.training_nodes) < self.config.min_train_nodes:  # one line, with the first reason
+            why = f": {failures[0]}" if failures else ""
+            if len(failures) > 1:
+                why += f" (and {len(failures) - 1} more above)"
+            raise RuntimeError(f"{len(self.training_nodes)} training nodes, {self.config.min_train_nodes} required{why}")
 
     @property
     def training_nodes(self) -> dict[int, str]:
@@ -174,36 +188,37 @@ class Federation:
         return False
 
     def round_config(self, server_round: int, plans_json: str, digest: str, *, cps_enabled: bool = True) -> ConfigRecord:
+        """The config of a round's train and evaluate messages: the run-config keys the sites read,
+        under their schema names and with their values (a site derives its iteration numbers, CPS
+        ramp-up and seed of the round from them), plus the PROTOCOL_KEYS."""
         c = self.config
         return ConfigRecord(
             {
                 "server-round": server_round,
                 "plans-json": plans_json,
                 "plans-sha256": digest,
-                "iterations": c.local_iterations,
-                "start-iteration": (server_round - 1) * c.local_iterations,
-                "total-iterations": c.total_iterations,
+                "cps-enabled": cps_enabled,
+                "num-server-rounds": c.num_rounds,
+                "local-iterations": c.local_iterations,
                 "mode": c.mode,
                 "batch-size": c.batch_size,
                 "unlabeled-batch-size": c.unlabeled_batch_size,
                 "learning-rate": c.learning_rate,
                 "cps-lambda-max": c.cps_lambda_max,
-                "rampup-iterations": c.rampup_iterations,
+                "cps-rampup-rounds": c.cps_rampup_rounds,
                 "cps-confidence": c.cps_confidence,
-                "cps-enabled": cps_enabled,
                 "balance-phases": c.balance_phases,
                 "propagate-labels": c.propagate_labels,
                 **c.label_transfer.to_dict_hyphenated(),
                 "proximal-mu": c.proximal_mu,
                 "local-norm": c.local_norm,
                 "local-momentum": c.local_momentum,
-                "fp16": c.fp16_transport,
-                "seed": c.seed + 1000 * server_round,
-                "qualitative": server_round == c.num_rounds,
+                "fp16-transport": c.fp16_transport,
+                "seed": c.seed,
                 "evaluate-step": c.evaluate_step,
-                "evaluate-test": c.evaluate_train_sites,  # training sites' test split (held-out centres: always)
                 "evaluate-phases": ",".join(c.evaluate_phases or ("*",)),  # phases whose test cases are scored
-                **{f"postprocessing-{k}": v for k, v in c.postprocessing.to_info().items()},
+                "postprocessing": c.postprocessing.method,
+                "postprocessing-phases": c.postprocessing.to_info()["phases"],
                 "agreement-volumes": c.agreement_volumes,
             }
         )

@@ -114,7 +114,7 @@ def test_node_config_device_overrides_run_config():
     assert site_device("A", {}, {"device": "cpu"}) == torch.device("cpu")
     assert site_device("A", {}, {}) == resolve_device("auto")
     config = ConfigRecord({"mode": "cps", "batch-size": 1, "learning-rate": 0.01, "cps-lambda-max": 1.0,
-                           "rampup-iterations": 0, "seed": 0})
+                           "cps-rampup-rounds": 0, "seed": 0, "server-round": 1})
     trainer_config = _trainer_config(config, site_device("A", {"device": "cpu"}, {"device": "auto"}))
     assert trainer_config.device == "cpu" and trainer_config.autocast == "auto"
 

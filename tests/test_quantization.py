@@ -94,12 +94,12 @@ def test_int8_update_of_the_stunet_pair_is_at_most_a_quarter_of_fp32():
 def _request(config: dict, arrays: dict) -> Message:
     metadata = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=1, reply_to_message_id="",
                         group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
-    content = RecordDict({"arrays": to_arrayrecord(arrays, fp16=bool(config.get("fp16"))), "config": ConfigRecord(config)})
+    content = RecordDict({"arrays": to_arrayrecord(arrays, fp16=bool(config.get("fp16-transport"))), "config": ConfigRecord(config)})
     return Message(content=content, metadata=metadata)
 
 
-@pytest.mark.parametrize("config, dtype", [({}, "float32"), ({"fp16": True}, "float16"),
-                                           ({"int8-updates": True}, "int8"), ({"int8-updates": True, "fp16": True}, "int8")])
+@pytest.mark.parametrize("config, dtype", [({}, "float32"), ({"fp16-transport": True}, "float16"),
+                                           ({"int8-updates": True}, "int8"), ({"int8-updates": True, "fp16-transport": True}, "int8")])
 def test_the_train_handler_reply_goes_on_the_wire_as_configured(config, dtype):
     model = _model()
     request = _request(config, model)
@@ -114,7 +114,7 @@ def test_the_train_handler_reply_goes_on_the_wire_as_configured(config, dtype):
     arrays = reply.content["arrays"]
     assert next(iter(arrays.values())).dtype == dtype
     # The server decodes against what it sent (the fp16 rounding of its model, with fp16 transport).
-    decoded = decode_update(arrays, decode_update(to_arrayrecord(model, fp16=bool(config.get("fp16"))), model))
+    decoded = decode_update(arrays, decode_update(to_arrayrecord(model, fp16=bool(config.get("fp16-transport"))), model))
     for key in model:
         atol = {"float32": 0.0, "float16": 2e-3, "int8": 0.01 / 254 + 1e-6}[dtype]  # int8: half a step
         np.testing.assert_allclose(decoded[key], trained[key], rtol=0, atol=atol)

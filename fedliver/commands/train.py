@@ -20,15 +20,20 @@ import sys
 import time
 from pathlib import Path
 
-from common.label_transfer_config import DEFAULT_LABEL_TRANSFER, LabelTransferConfig
+from common.label_transfer_config import LabelTransferConfig
 from common.postprocessing import METHODS, Postprocessing
+from common.run_config import BY_NAME, default
 
+# Options that are run-config settings too take the schema's default (common/run_config.py).
 #: The cross term's confidence threshold and cross-phase label propagation unless told otherwise
 #: (README: the measured best).
-DEFAULT_CPS_CONFIDENCE = 0.0
-DEFAULT_PROPAGATE_LABELS = True
-#: First-stage width of the CPU net (size T), as the demo and pyproject's `net-width`.
-CPU_WIDTH = 4
+DEFAULT_CPS_CONFIDENCE = default("cps-confidence")
+DEFAULT_PROPAGATE_LABELS = default("propagate-labels")
+#: First-stage width of the CPU net (size T): run config `net-width`'s default, as the demo.
+CPU_WIDTH = default("net-width")
+#: Unlabeled samples per CPS iteration: the demo's 1, not run config `unlabeled-batch-size`'s 2
+#: (a deliberate difference: the pooled and local baselines match the demo's budget).
+UNLABELED_BATCH = 1
 
 
 def initial_weights(args: argparse.Namespace) -> Path | None:
@@ -59,12 +64,9 @@ def _names(text: str) -> list[str]:
 def add_label_transfer_arguments(parser: argparse.ArgumentParser) -> None:
     """--location-scale/--non-contrast/--random-conv/--transpose: probability per labeled sample."""
     group = parser.add_argument_group("label transfer (probability per labeled sample; 0: off)")
-    for name, meaning in (("location-scale", "per-class random intensity curves (SLAug)"),
-                          ("non-contrast", "liver darkened inside its mask (simulated non-contrast)"),
-                          ("random-conv", "random shallow convolutions mixed with the image (GIN)"),
-                          ("transpose", "in-plane axes swapped (also on unlabeled samples)")):
-        default = getattr(DEFAULT_LABEL_TRANSFER, name.replace("-", "_"))
-        group.add_argument(f"--{name}", type=float, default=default, metavar="P", help=f"{meaning} (default {default})")
+    for name in LabelTransferConfig().to_dict_hyphenated():  # location-scale, non-contrast, random-conv, transpose
+        group.add_argument(f"--{name}", type=float, default=default(name), metavar="P",
+                           help=f"{BY_NAME[name].help} (default {default(name)})")
 
 
 def label_transfer_from_args(args: argparse.Namespace) -> LabelTransferConfig:
@@ -84,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR", help="MODEL_DIR to write")
     parser.add_argument("--centers", type=_names, default=None, metavar="A,B1,B2",
                         help="centers to train on, pooled (default: every center found)")
-    parser.add_argument("--mode", choices=("cps", "supervised"), default="cps",
+    parser.add_argument("--mode", choices=("cps", "supervised"), default=default("mode"),
                         help="cps: labeled + unlabeled with cross pseudo supervision; supervised: labeled only")
     parser.add_argument("--pretrain", action="store_true",
                         help="supervised pretraining on every labeled volume (ATLAS-like nnU-Net raw set)")
@@ -93,50 +95,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(default: the shipped pretraining, stunet_T4_multiseq, for the CPU net, --size T --base-width 4, "
                              "as the demo; else random; 'none': random)")
     parser.add_argument("--iterations", type=int, default=200, help="training iterations (default 200)")
-    parser.add_argument("--size", default="T", choices=("T", "S", "B", "L", "H"), help="STU-Net size (default T)")
+    parser.add_argument("--size", default=default("net-size"), choices=("T", "S", "B", "L", "H"),
+                        help=f"STU-Net size (default {default('net-size')})")
     parser.add_argument("--base-width", type=int, default=None,
                         help=f"override the size's first-stage width (default: {CPU_WIDTH} for T, the CPU net; "
                              "the published width for S/B/L/H)")
-    parser.add_argument("--patch", type=_ints, default=(32, 64, 64), metavar="Z,Y,X",
-                        help="patch size (default 32,64,64; rounded to the network's strides)")
-    parser.add_argument("--batch", type=int, default=2, help="labeled samples per iteration (default 2)")
-    parser.add_argument("--unlabeled-batch", type=int, default=1,
-                        help="unlabeled samples per CPS iteration (default 1, as the demo)")
-    parser.add_argument("--lr", type=float, default=0.01, help="initial learning rate of the poly schedule (default 0.01)")
-    parser.add_argument("--lambda-max", type=float, default=1.0, help="CPS weight after ramp-up (default 1.0)")
+    parser.add_argument("--patch", type=_ints, default=_ints(default("patch-size")), metavar="Z,Y,X",
+                        help=f"patch size (default {default('patch-size')}; rounded to the network's strides)")
+    parser.add_argument("--batch", type=int, default=default("batch-size"),
+                        help=f"labeled samples per iteration (default {default('batch-size')})")
+    parser.add_argument("--unlabeled-batch", type=int, default=UNLABELED_BATCH,
+                        help=f"unlabeled samples per CPS iteration (default {UNLABELED_BATCH}, as the demo)")
+    parser.add_argument("--lr", type=float, default=default("learning-rate"),
+                        help=f"initial learning rate of the poly schedule (default {default('learning-rate')})")
+    parser.add_argument("--lambda-max", type=float, default=default("cps-lambda-max"),
+                        help=f"CPS weight after ramp-up (default {default('cps-lambda-max')})")
     parser.add_argument("--rampup", type=int, default=None,
                         help="CPS ramp-up iterations (default: 40%% of --iterations)")
     parser.add_argument("--cps-loss", choices=("ce", "dice_ce"), default="ce", help="cross term (default ce)")
     parser.add_argument("--cps-confidence", type=float, default=DEFAULT_CPS_CONFIDENCE,
                         help="cross term only on voxels where the teacher's softmax exceeds this "
                              f"(0: all; default {DEFAULT_CPS_CONFIDENCE})")
-    parser.add_argument("--cps-gate", type=float, default=0.0,
+    parser.add_argument("--cps-gate", type=float, default=default("cps-gate"),
                         help="cross term off until the validation GED4 Dice (splits.json validation cases) "
-                             "reaches this; checked every 25 iterations (0: no gate, the default)")
+                             f"reaches this; checked every 25 iterations (0: no gate; default {default('cps-gate')})")
     parser.add_argument("--propagate-labels", action=argparse.BooleanOptionalAction, default=DEFAULT_PROPAGATE_LABELS,
                         help="also train on the labeled cases' other phases under their GED4 mask carried over "
                              f"through scanner coordinates (default {DEFAULT_PROPAGATE_LABELS})")
-    parser.add_argument("--no-balance-phases", dest="balance_phases", action="store_false",
-                        help="draw unlabeled volumes uniformly instead of phase first")
+    parser.add_argument("--balance-phases", action=argparse.BooleanOptionalAction, default=default("balance-phases"),
+                        help="draw a phase first, then a volume of it; --no-balance-phases: volumes uniformly "
+                             f"(default {default('balance-phases')})")
     add_label_transfer_arguments(parser)
     parser.add_argument("--unlabeled-phases", type=_names, default=["T1", "T2", "DWI_800"], metavar="T1,T2,...",
                         help="phases used as unlabeled samples besides unlabeled GED4 (default T1,T2,DWI_800; "
                              "add GED1,GED2,GED3 for the dynamic phases)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (net a: seed, net b: seed + 1)")
+    parser.add_argument("--seed", type=int, default=default("seed"), help="seed (net a: seed, net b: seed + 1)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="preprocessing cache folder (default: <out>/../cache)")
-    parser.add_argument("--agreement-volumes", type=int, default=1,
+    parser.add_argument("--agreement-volumes", type=int, default=default("agreement-volumes"),
                         help="unlabeled volumes per phase for the branch agreement signal (0: skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", default="auto",
+    parser.add_argument("--device", default=default("device"),
                         help="auto (a CUDA GPU when there is one, with fp16 mixed precision; else the CPU), "
-                             "cpu, cuda or cuda:N (default auto)")
+                             f"cpu, cuda or cuda:N (default {default('device')})")
     parser.add_argument("--log-every", type=int, default=10, help="progress line every N iterations")
-    parser.add_argument("--postprocessing", choices=METHODS, default="largest-component",
-                        help="what `fedliver predict` applies with this model by default (stored in info.json)")
-    parser.add_argument("--postprocessing-phases", default="GED4",
-                        help="phases it applies to, comma-separated, '*' for all (default GED4: the labeled "
-                             "phase, where it can be validated)")
+    parser.add_argument("--postprocessing", choices=METHODS, default=default("postprocessing"),
+                        help="what `fedliver predict` applies with this model by default (stored in info.json; "
+                             f"default {default('postprocessing')})")
+    parser.add_argument("--postprocessing-phases", default=default("postprocessing-phases"),
+                        help="phases it applies to, comma-separated, '*' for all (default "
+                             f"{default('postprocessing-phases')}: the labeled phase, where it can be validated)")
     parser.set_defaults(run=run)
 
 
