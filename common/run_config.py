@@ -120,13 +120,34 @@ def _check(key: Key, value: object) -> tuple[Value, str | None]:
     return value, f"run-config {key.name!r}: expected {key.type.__name__}, got {_type_name(value)} {value!r}"  # type: ignore[return-value]
 
 
+# Words a coordinator may try for a setting whose key says it differently.
+_ALIASES = {"rounds": "num-server-rounds", "lr": "learning-rate", "iterations": "local-iterations",
+            "aggregation": "strategy", "weighting": "weighted-by", "init": "init-weights",
+            "pretrained": "init-weights", "roles": "sites"}
+
+
+def nearest_key(key: str, valid: list[str] | None = None) -> str | None:
+    """The valid key (of `valid`, else of the schema) the user most likely meant."""
+    valid = list(BY_NAME) if valid is None else valid
+    key = key.lower().replace("_", "-")
+    for word, target in _ALIASES.items():
+        if target in valid and (key == word or key.endswith("-" + word)) and key not in valid:
+            return target
+    # `rounds` -> `num-server-rounds`: a valid key containing the whole word comes first
+    containing = [v for v in valid if len(key) >= 4 and key in v]
+    if containing:
+        return min(containing, key=len)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def problems(run_config: Mapping[str, object]) -> list[str]:
     """One line per unknown key (with the nearest valid one) or value of the wrong type."""
     found = []
     for name, value in run_config.items():
         if name not in BY_NAME:
-            near = difflib.get_close_matches(name, list(BY_NAME), n=1)
-            found.append(f"unknown run-config key {name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+            near = nearest_key(name)
+            found.append(f"unknown run-config key {name!r}" + (f" (did you mean {near!r}?)" if near else ""))
         elif (problem := _check(BY_NAME[name], value)[1]) is not None:
             found.append(problem)
     return found
@@ -141,4 +162,4 @@ def validate(run_config: Mapping[str, object]) -> dict[str, Value]:
     return {**defaults(), **{name: _check(BY_NAME[name], value)[0] for name, value in run_config.items()}}
 
 
-__all__ = ["BY_NAME", "KEYS", "Key", "Value", "default", "defaults", "problems", "validate"]
+__all__ = ["BY_NAME", "KEYS", "Key", "Value", "default", "defaults", "nearest_key", "problems", "validate"]

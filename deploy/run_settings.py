@@ -18,13 +18,13 @@ reads it unchanged; `fedliver submit` checks it first and refuses, one line per 
 
 from __future__ import annotations
 
-import difflib
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.federation_config import ROLES, FederationConfig, resolve_init_weights
+from common.run_config import nearest_key
 
 Value = str | int | float | bool
 
@@ -85,26 +85,6 @@ def app_run_config(app_dir: Path) -> dict[str, Value]:
         return dict(data["tool"]["flwr"]["app"]["config"])
     except (OSError, tomllib.TOMLDecodeError, KeyError) as err:
         raise RunSettingsError(f"{path}: no [tool.flwr.app.config] ({err})") from err
-
-
-# Words a coordinator may try for a setting whose key says it differently.
-_ALIASES = {"rounds": "num-server-rounds", "lr": "learning-rate", "iterations": "local-iterations",
-            "strategy": "weighted-by", "aggregation": "weighted-by", "init": "init-weights",
-            "pretrained": "init-weights", "roles": "sites"}
-
-
-def nearest_key(key: str, valid: list[str]) -> str | None:
-    """The valid key the coordinator most likely meant."""
-    key = key.lower().replace("_", "-")
-    for word, target in _ALIASES.items():
-        if target in valid and (key == word or key.endswith("-" + word)) and key not in valid:
-            return target
-    # `rounds` -> `num-server-rounds`: a valid key containing the whole word comes first
-    containing = [v for v in valid if len(key) >= 4 and key in v]
-    if containing:
-        return min(containing, key=len)
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return close[0] if close else None
 
 
 def _type_problem(key: str, value: object, default: Value) -> str | None:
