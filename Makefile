@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m simulations.demo --run-dir $(RUN_DIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Every benchmark at the demo's and LiQA's size vs its baseline -> docs/benchmarks.md (BENCH_ARGS=--quick: a check)
 bench: $(STAMP)

@@ -32,6 +32,7 @@ from common.device import describe, resolve_device
 from common.federation_config import parse_sites
 from common.label_transfer_config import LabelTransferConfig
 from common.phases import parse_phase_list
+from common.run_config import parse_mirror_axes
 from common.fingerprint import FingerprintConfig, compute_site_fingerprint
 from common.planning import plans_hash
 from common.postprocessing import Postprocessing
@@ -253,6 +254,7 @@ def _trainer_config(config: ConfigRecord, device: torch.device | str = "cpu") ->
         proximal_mu=float(get("proximal-mu")),
         cps_confidence=float(get("cps-confidence")),
         balance_phases=bool(get("balance-phases")),
+        mirror_axes=parse_mirror_axes(str(get("mirror-axes"))),
         label_transfer=LabelTransferConfig.from_hyphenated({key: get(key) for key in LABEL_TRANSFER_KEYS}),
         seed=int(get("seed")) + 1000 * int(config["server-round"]),  # each round samples anew
     )

@@ -50,10 +50,12 @@ class AugmentationParams:
     mirror_axes: tuple[int, ...]
 
 
-def augmentation_params(patch_size: Sequence[int]) -> AugmentationParams:
+def augmentation_params(patch_size: Sequence[int], mirror_axes: Sequence[int] = (0, 1, 2)) -> AugmentationParams:
     """nnU-Net's 3D rule: 2D-style augmentation for very flat patches, else +-30 degrees rotation.
 
     Same thresholds and `get_patch_size` call as `nnUNetTrainer`, whose method needs a full trainer.
+    `mirror_axes`: nnU-Net mirrors every axis; with every site's arrays in one orientation (RAS,
+    common/image_io.py) leaving out x keeps "the liver is on the patient's right" learnable.
     """
     from nnunetv2.configuration import ANISO_THRESHOLD
     from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
@@ -67,7 +69,7 @@ def augmentation_params(patch_size: Sequence[int]) -> AugmentationParams:
     initial = [int(v) for v in get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))]
     if dummy_2d:
         initial[0] = patch[0]
-    return AugmentationParams(patch, tuple(initial), rotation, dummy_2d, (0, 1, 2))
+    return AugmentationParams(patch, tuple(initial), rotation, dummy_2d, tuple(int(a) for a in mirror_axes))
 
 
 def deep_supervision_scales(strides: Sequence[Sequence[int]], num_outputs: int = 5) -> list[list[float]]:

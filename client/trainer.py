@@ -67,6 +67,7 @@ class TrainerConfig:
     labeled_share: float = 0.5                 # share of labeled draws on the truly labeled phase (GED4)
                                                # when propagated phases are labeled too (balance_phases)
     label_transfer: LabelTransferConfig = DEFAULT_LABEL_TRANSFER
+    mirror_axes: tuple[int, ...] = (0, 1, 2)   # patch axes nnU-Net's augmentation mirrors (its default: all)
     proximal_mu: float = 0.0                   # FedProx mu (0: off)
     oversample_foreground: float = 0.33        # nnU-Net: this fraction of labeled samples centred on liver
     augment: bool = True                       # nnU-Net's training transforms
@@ -91,6 +92,7 @@ class TrainerConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.patch_size is not None:
             self.patch_size = tuple(int(p) for p in self.patch_size)
+        self.mirror_axes = tuple(int(a) for a in self.mirror_axes)
         if isinstance(self.label_transfer, Mapping):
             self.label_transfer = LabelTransferConfig(**self.label_transfer)
 
@@ -201,7 +203,7 @@ class CPSTrainer:
         net_a = self.nets["a"]
         if any(p % d for p, d in zip(patch, net_a.divisor)):
             raise ValueError(f"patch {patch} (z, y, x) is not divisible by the network's {net_a.divisor}")
-        self.params: AugmentationParams = augmentation_params(patch)
+        self.params: AugmentationParams = augmentation_params(patch, config.mirror_axes)
         strides = [[1, 1, 1]] + [list(s) for s in net_a.strides]
         self.ds_scales = deep_supervision_scales(strides, num_outputs=5)
         batch_dice = bool(conf.get("batch_dice", False))

@@ -15,6 +15,7 @@ from common.aggregation_config import AggregationConfig
 from common.label_transfer_config import LabelTransferConfig
 from common.phases import parse_phase_list
 from common.postprocessing import Postprocessing
+from common.run_config import parse_mirror_axes
 from common.run_config import validate as validate_run_config
 
 ROLES = ("train", "eval")
@@ -124,6 +125,7 @@ class FederationConfig:
     cps_gate: float  # cross term off until the validation GED4 Dice of the last round reaches this
     balance_phases: bool  # batches draw a phase first, then a volume
     propagate_labels: bool  # labeled cases' other phases train under their GED4 mask (scanner coordinates)
+    mirror_axes: tuple[int, ...]  # patch axes nnU-Net's mirroring augmentation flips
     label_transfer: LabelTransferConfig  # augmentations of labeled samples
     weighted_by: str
     proximal_mu: float
@@ -181,6 +183,7 @@ class FederationConfig:
             cps_gate=v["cps-gate"],
             balance_phases=v["balance-phases"],
             propagate_labels=v["propagate-labels"],
+            mirror_axes=parse_mirror_axes(v["mirror-axes"]),
             label_transfer=LabelTransferConfig.from_hyphenated(v),
             weighted_by=v["weighted-by"],
             proximal_mu=v["proximal-mu"],

@@ -55,6 +55,8 @@ KEYS: tuple[Key, ...] = (
     Key("cps-gate", float, 0.0, "cross term waits until the last round's validation GED4 Dice reaches this (0: from the start)"),
     Key("balance-phases", bool, True, "batches draw a phase uniformly, then one of its volumes"),
     Key("propagate-labels", bool, True, "labeled cases' other phases train under their GED4 mask (scanner coordinates)"),
+    Key("mirror-axes", str, "0,1,2",
+        'axes (z,y,x of the patch) nnU-Net\'s augmentation mirrors; "": none (arrays are RAS: x is left-right)'),
     Key("agreement-volumes", int, 1, "unlabeled volumes per phase for the branch-agreement signal (0: skip)"),
     # Label transfer: probability per labeled sample
     Key("location-scale", float, 0.0, "per-class random intensity curves (SLAug)"),
@@ -141,6 +143,17 @@ def nearest_key(key: str, valid: list[str] | None = None) -> str | None:
     return close[0] if close else None
 
 
+def parse_mirror_axes(text: str) -> tuple[int, ...]:
+    """`mirror-axes` ("0,1,2", "0,1", ""): the patch axes nnU-Net's augmentation may mirror."""
+    try:
+        axes = tuple(int(a) for a in str(text).replace(" ", "").split(",") if a != "")
+    except ValueError:
+        axes = (-1,)
+    if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"mirror-axes {text!r}: expected distinct axes among 0, 1, 2 (z, y, x), e.g. \"0,1\" or \"\"")
+    return axes
+
+
 def problems(run_config: Mapping[str, object]) -> list[str]:
     """One line per unknown key (with the nearest valid one) or value of the wrong type."""
     found = []
@@ -162,4 +175,5 @@ def validate(run_config: Mapping[str, object]) -> dict[str, Value]:
     return {**defaults(), **{name: _check(BY_NAME[name], value)[0] for name, value in run_config.items()}}
 
 
-__all__ = ["BY_NAME", "KEYS", "Key", "Value", "default", "defaults", "nearest_key", "problems", "validate"]
+__all__ = ["BY_NAME", "KEYS", "Key", "Value", "default", "defaults", "nearest_key", "parse_mirror_axes", "problems",
+           "validate"]

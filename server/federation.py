@@ -209,6 +209,7 @@ class Federation:
                 "cps-confidence": c.cps_confidence,
                 "balance-phases": c.balance_phases,
                 "propagate-labels": c.propagate_labels,
+                "mirror-axes": ",".join(str(a) for a in c.mirror_axes),
                 **c.label_transfer.to_dict_hyphenated(),
                 "proximal-mu": c.proximal_mu,
                 "local-norm": c.local_norm,

@@ -182,3 +182,25 @@ def test_inline_prefetcher_calls_producer():
     assert pf.get() == 1 and pf.get() == 2 and not pf.alive
     with pytest.raises(RuntimeError):
         pf.get()
+
+
+def test_mirror_axes_reach_nnunets_mirror_transform():
+    """`mirror-axes`: the axes nnU-Net's MirrorTransform may flip; "" leaves no mirroring at all."""
+    from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+
+    def mirror_axes(compose):
+        found = [t for t in compose.transforms if isinstance(t, MirrorTransform)]
+        return found[0].allowed_axes if found else ()
+
+    assert tuple(mirror_axes(build_training_transforms(augmentation_params(PATCH), None))) == (0, 1, 2)
+    assert tuple(mirror_axes(build_training_transforms(augmentation_params(PATCH, (0, 1)), None))) == (0, 1)
+    assert tuple(mirror_axes(build_training_transforms(augmentation_params(PATCH, ()), None))) == ()
+    # what the transforms do: with x left out, a sample's left-right order survives every draw
+    image = torch.zeros((1, *PATCH)); image[0, :, :, : PATCH[2] // 2] = 1.0  # bright on one side of x
+    seg = torch.zeros((1, *PATCH), dtype=torch.int16)
+    transforms = build_training_transforms(augmentation_params(PATCH, (0, 1)), None)
+    for seed in range(8):
+        torch.manual_seed(seed); np.random.seed(seed)
+        out = transforms(image=image.clone(), segmentation=seg.clone())["image"][0]
+        left, right = out[..., : PATCH[2] // 4].mean(), out[..., -PATCH[2] // 4:].mean()
+        assert left > right, seed

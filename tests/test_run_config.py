@@ -18,6 +18,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.client_app import _trainer_config, app as client_app
 from client.trainer import TrainerConfig
 from common import run_config
+from common.run_config import parse_mirror_axes
 from common.federation_config import FederationConfig, parse_patch, parse_sites
 from common.phases import parse_phase_list
 from common.postprocessing import Postprocessing
@@ -140,7 +141,7 @@ NOT_DEFAULTS = {
     "balance-phases": False, "propagate-labels": False, "location-scale": 0.1, "non-contrast": 0.2,
     "random-conv": 0.3, "transpose": 0.4, "proximal-mu": 0.25, "local-norm": True, "local-momentum": True,
     "fp16-transport": True, "seed": 11, "evaluate-step": 0.75, "evaluate-phases": "GED4,T2",
-    "postprocessing": "none", "postprocessing-phases": "*", "agreement-volumes": 2,
+    "postprocessing": "none", "postprocessing-phases": "*", "agreement-volumes": 2, "mirror-axes": "0,1",
 }
 
 
@@ -185,6 +186,7 @@ def test_the_site_trains_with_what_the_server_configured(tmp_path):
     assert trainer.rampup_iterations == c.rampup_iterations == 3 * 7  # cps-rampup-rounds x local-iterations
     assert trainer.proximal_mu == c.proximal_mu and trainer.balance_phases is c.balance_phases
     assert trainer.label_transfer == c.label_transfer
+    assert trainer.mirror_axes == c.mirror_axes == (0, 1)
     assert trainer.seed == c.seed + 1000 * 2  # each round samples anew, as before
 
 
@@ -282,3 +284,14 @@ def test_a_missing_site_folder_fails_at_once_naming_it(tmp_path):
     (tmp_path / "phantoms" / "Vendor_C").mkdir(parents=True)  # the data root exists; A's and B1's folders do not
     line = _identify(tmp_path, str(tmp_path / "phantoms"))
     assert "site A (node 1000): cannot take part:" in line and "no Vendor_A folder" in line, line
+
+
+@pytest.mark.parametrize("text, axes", [("0,1,2", (0, 1, 2)), ("0,1", (0, 1)), ("", ()), (" 2 ,0", (2, 0))])
+def test_mirror_axes_parse(text, axes):
+    assert parse_mirror_axes(text) == axes
+
+
+@pytest.mark.parametrize("text", ["3", "0,0", "x", "0;1"])
+def test_mirror_axes_refused_in_one_line(text):
+    with pytest.raises(ValueError, match="mirror-axes .*expected distinct axes among 0, 1, 2"):
+        parse_mirror_axes(text)

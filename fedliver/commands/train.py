@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common.label_transfer_config import LabelTransferConfig
 from common.postprocessing import METHODS, Postprocessing
-from common.run_config import BY_NAME, default
+from common.run_config import BY_NAME, default, parse_mirror_axes
 
 # Options that are run-config settings too take the schema's default (common/run_config.py).
 #: The cross term's confidence threshold and cross-phase label propagation unless told otherwise
@@ -125,6 +125,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--balance-phases", action=argparse.BooleanOptionalAction, default=default("balance-phases"),
                         help="draw a phase first, then a volume of it; --no-balance-phases: volumes uniformly "
                              f"(default {default('balance-phases')})")
+    parser.add_argument("--mirror-axes", type=parse_mirror_axes, default=default("mirror-axes"), metavar="AXES",
+                        help="patch axes (z,y,x) nnU-Net's augmentation mirrors; \"\": none; arrays are RAS, so "
+                             f"x is left-right (default {default('mirror-axes')!r})")
     add_label_transfer_arguments(parser)
     parser.add_argument("--unlabeled-phases", type=_names, default=["T1", "T2", "DWI_800"], metavar="T1,T2,...",
                         help="phases used as unlabeled samples besides unlabeled GED4 (default T1,T2,DWI_800; "
@@ -268,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
                            learning_rate=args.lr, lambda_max=args.lambda_max, rampup_iterations=rampup,
                            cps_loss=args.cps_loss, cps_confidence=args.cps_confidence, cps_gate=args.cps_gate,
                            balance_phases=args.balance_phases, label_transfer=label_transfer_from_args(args),
-                           seed=args.seed, log_every=args.log_every,
+                           mirror_axes=args.mirror_axes, seed=args.seed, log_every=args.log_every,
                            pretrained=str(args.init.resolve()) if args.init else None, device=str(device))
     try:
         trainer = CPSTrainer(plans, labeled, unlabeled, config, validation=validation, log=print)
@@ -298,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
         "cps_confidence": args.cps_confidence,
         "cps_gate": args.cps_gate,
         "balance_phases": args.balance_phases,
+        "mirror_axes": list(config.mirror_axes),
         "propagate_labels": args.propagate_labels and not args.pretrain,
         "label_transfer": config.label_transfer.to_dict(),
         "unlabeled_phases": list(unlabeled_phases),

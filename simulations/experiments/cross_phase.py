@@ -40,13 +40,16 @@ COMBINATION = LabelTransferConfig(location_scale=0.5, non_contrast=0.25, random_
 class Technique:
     label_transfer: LabelTransferConfig = LabelTransferConfig()
     propagate_labels: bool = False
+    mirror_axes: str = "0,1,2"  # nnU-Net's mirroring; "0,1": the left-right order (RAS arrays) is kept
 
     def train_args(self) -> list[str]:
         args = [a for name, p in self.label_transfer.to_dict_hyphenated().items() for a in (f"--{name}", str(p))]
-        return args + ["--propagate-labels" if self.propagate_labels else "--no-propagate-labels"]
+        return args + ["--propagate-labels" if self.propagate_labels else "--no-propagate-labels",
+                       f"--mirror-axes={self.mirror_axes}"]
 
     def run_config(self) -> dict[str, object]:
-        return {**self.label_transfer.to_dict_hyphenated(), "propagate-labels": self.propagate_labels}
+        return {**self.label_transfer.to_dict_hyphenated(), "propagate-labels": self.propagate_labels,
+                "mirror-axes": self.mirror_axes}
 
 
 TECHNIQUES: dict[str, Technique] = {
@@ -58,6 +61,9 @@ TECHNIQUES: dict[str, Technique] = {
     "combination": Technique(COMBINATION),
     "propagation": Technique(propagate_labels=True),
     "combination+propagation": Technique(COMBINATION, propagate_labels=True),
+    # Anatomy's own orientation as a cue: no left-right mirroring, or no mirroring at all.
+    "propagation+lr-kept": Technique(propagate_labels=True, mirror_axes="0,1"),
+    "propagation+no-mirror": Technique(propagate_labels=True, mirror_axes=""),
 }
 #: CPS variants: (cross-term confidence threshold)
 MODES = {"supervised": 0.0, "cps": 0.0, "cps-confident": 0.9}
