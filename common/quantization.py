@@ -23,10 +23,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from common.weights import from_arrayrecord, to_arrayrecord
+from common.weights import from_arrayrecord, npy_array, npy_numpy, to_arrayrecord
 
 VALUES_KEY = "int8-values"
 SCALES_KEY = "int8-scales"
@@ -63,7 +63,7 @@ def encode_int8_delta(update: Mapping[str, np.ndarray], reference: Mapping[str, 
         values.append(q.ravel())
         scales.append(scale)
     packed = np.concatenate(values) if values else np.zeros(0, np.int8)
-    return ArrayRecord({VALUES_KEY: Array(packed), SCALES_KEY: Array(np.asarray(scales, np.float32))})
+    return ArrayRecord({VALUES_KEY: npy_array(packed), SCALES_KEY: npy_array(np.asarray(scales, np.float32))})
 
 
 def is_int8_record(record: ArrayRecord) -> bool:
@@ -72,7 +72,7 @@ def is_int8_record(record: ArrayRecord) -> bool:
 
 def decode_int8_delta(record: ArrayRecord, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """float32 arrays `reference + q * s`; ValueError (one line) if the record does not fit the reference."""
-    values, scales = record[VALUES_KEY].numpy(), record[SCALES_KEY].numpy()
+    values, scales = npy_numpy(record[VALUES_KEY]), npy_numpy(record[SCALES_KEY])
     keys = sorted(reference)
     sizes = [int(np.asarray(reference[k]).size) for k in keys]
     if values.dtype != np.int8 or values.ndim != 1 or values.size != sum(sizes):

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -45,7 +45,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt  # FedAdam's and FedYogi's bas
 
 from common.federation_config import FederationConfig
 from common.quantization import decode_update
-from common.weights import to_arrayrecord, update_problems
+from common.weights import npy_array, npy_numpy, to_arrayrecord, update_problems
 from server.messaging import Failure
 
 WEIGHT_KEYS = {"labeled": "num-labeled", "samples": "num-samples"}
@@ -251,8 +251,8 @@ class PairAggregator:
         clipped = self._enforce_client_clipping(updates) if self.settings.dp == "client-fixed" else []
         if self.settings.dp == "server-fixed":
             updates = [_nonzero_delta(u, current) for u in updates]
-        replies = [_reply(u.node_id, ArrayRecord({k: Array(np.ascontiguousarray(u.arrays[k], np.float32))
-                                                  for k in current}), self.weight(u)) for u in updates]
+        replies = [_reply(u.node_id, ArrayRecord({k: npy_array(np.asarray(u.arrays[k], np.float32)) for k in current}),
+                          self.weight(u)) for u in updates]
         arrays, _ = self.strategy.aggregate_train(server_round, replies)
         self.last_round = {"strategy": self.settings.strategy, "aggregated_sites": sorted(u.site for u in updates),
                            "update_norms": norms}
@@ -266,7 +266,7 @@ class PairAggregator:
             new = dict(current)
         else:
             self.last_round["released"] = True
-            new = {k: np.asarray(arrays[k].numpy(), dtype=np.float32) for k in current}
+            new = {k: npy_numpy(arrays[k]).astype(np.float32, copy=False) for k in current}
         if self.settings.dp != "none":
             self.last_round["privacy"] = self.privacy()
         return new
