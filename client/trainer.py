@@ -38,6 +38,7 @@ from common.device import AUTOCAST_CHOICES, autocast_dtype
 from common.label_transfer_config import DEFAULT_LABEL_TRANSFER, LabelTransferConfig
 from common.phases import LABELED_PHASE
 from common.pretrained import load_initial_weights
+from common.run_config import default, parse_mirror_axes
 
 BRANCHES = ("a", "b")
 MODES = ("cps", "supervised")
@@ -67,7 +68,8 @@ class TrainerConfig:
     labeled_share: float = 0.5                 # share of labeled draws on the truly labeled phase (GED4)
                                                # when propagated phases are labeled too (balance_phases)
     label_transfer: LabelTransferConfig = DEFAULT_LABEL_TRANSFER
-    mirror_axes: tuple[int, ...] = (0, 1, 2)   # patch axes nnU-Net's augmentation mirrors (its default: all)
+    mirror_axes: tuple[int, ...] = field(default_factory=lambda: parse_mirror_axes(default("mirror-axes")))
+                                               # patch axes nnU-Net's augmentation mirrors (nnU-Net: all three)
     proximal_mu: float = 0.0                   # FedProx mu (0: off)
     oversample_foreground: float = 0.33        # nnU-Net: this fraction of labeled samples centred on liver
     augment: bool = True                       # nnU-Net's training transforms

@@ -39,7 +39,7 @@ import shutil
 import tempfile
 import uuid
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -65,8 +65,10 @@ class ExportError(ValueError):
 class ExportConfig:
     branches: Sequence[str] | None = None          # fold k = branches[k]; None: every branch, sorted (a, b)
     trainer_name: str = "nnUNetTrainer"            # builds the net from the plans alone (get_network_from_plans)
-    # `fedliver predict --mirror` flips every axis; nnU-Net mirrors these when TTA is on (its default).
-    mirroring_axes: tuple[int, ...] = (0, 1, 2)
+    # nnU-Net mirrors these when TTA is on (its default); None: the axes the model trained with
+    # (MODEL_DIR info `mirror_axes`; (0, 1, 2) when it does not say), so a net trained unmirrored is
+    # not averaged over flips it never saw.
+    mirroring_axes: tuple[int, ...] | None = None
     overwrite: bool = False                        # replace OUT if it is an earlier export (has PROVENANCE_FILE)
     # "folds": one fold per branch (nnU-Net averages their logits); "softmax": fold_0 holds the pair as
     # one net returning the mean softmax, fedliver predict's rule (Dice >= 0.99 to it per volume).
@@ -174,7 +176,8 @@ def _checkpoint(state: dict[str, torch.Tensor], plans: dict, dataset_json: dict,
                             for k, v in state.items()},
         "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": fold, "dataset_json": dataset_json},
         "trainer_name": config.trainer_name,
-        "inference_allowed_mirroring_axes": tuple(int(a) for a in config.mirroring_axes),
+        # None, not (): nnU-Net's predictor skips mirroring for None and fails on an empty tuple.
+        "inference_allowed_mirroring_axes": tuple(int(a) for a in config.mirroring_axes) or None,
     }
 
 
@@ -226,6 +229,8 @@ def export_nnunet(model_dir: Path, out: Path, config: ExportConfig | None = None
     config = config or ExportConfig()
     model_dir, out = Path(model_dir), Path(out)
     bundle = load_model_dir(model_dir)
+    if config.mirroring_axes is None:
+        config = replace(config, mirroring_axes=tuple(int(a) for a in bundle.info.get("mirror_axes", (0, 1, 2))))
     branches = list(config.branches) if config.branches else sorted(bundle.branches)
     unknown = [b for b in branches if b not in bundle.branches]
     if unknown:

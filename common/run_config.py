@@ -55,7 +55,7 @@ KEYS: tuple[Key, ...] = (
     Key("cps-gate", float, 0.0, "cross term waits until the last round's validation GED4 Dice reaches this (0: from the start)"),
     Key("balance-phases", bool, True, "batches draw a phase uniformly, then one of its volumes"),
     Key("propagate-labels", bool, True, "labeled cases' other phases train under their GED4 mask (scanner coordinates)"),
-    Key("mirror-axes", str, "0,1,2",
+    Key("mirror-axes", str, "",
         'axes (z,y,x of the patch) nnU-Net\'s augmentation mirrors; "": none (arrays are RAS: x is left-right)'),
     Key("agreement-volumes", int, 1, "unlabeled volumes per phase for the branch-agreement signal (0: skip)"),
     # Label transfer: probability per labeled sample

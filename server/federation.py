@@ -369,7 +369,7 @@ class Federation:
         aggregator: PairAggregator,
     ) -> None:
         info = {"metrics": entry.get("centers", {}), "validation": entry.get("validation", {}),
-                "postprocessing": self.config.postprocessing.to_info()}
+                "postprocessing": self.config.postprocessing.to_info(), "mirror_axes": list(self.config.mirror_axes)}
         self.run.save_round(server_round, current, plans, info)
         arrays, strategy_info = aggregator.state()
         self.run.save_strategy_state(arrays, {**strategy_info, "round": server_round})

@@ -44,7 +44,7 @@ def pretrain(out: Path, *, cases: int, iterations: int, base_width: int, seed: i
     train_args = [
         "train", "--data", str(atlas), "--pretrain", "--out", str(model), "--iterations", str(iterations),
         "--size", "T", "--base-width", str(base_width), "--seed", str(seed), "--agreement-volumes", "0",
-        "--log-every", "50",
+        "--log-every", "50", "--mirror-axes", "0,1,2",  # nnU-Net's mirroring: how the shipped weights were made
     ]
     for name, p in label_transfer.to_dict().items():
         train_args += [f"--{name.replace('_', '-')}", str(p)]

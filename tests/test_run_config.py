@@ -257,6 +257,7 @@ def test_trainer_config_defaults_are_the_schema_defaults_for_shared_settings():
         assert getattr(trainer, field) == D[key], (field, key)
     assert (trainer.unlabeled_batch_size or trainer.batch_size) == D["unlabeled-batch-size"]  # None: batch_size
     assert trainer.label_transfer.to_dict_hyphenated() == {k: D[k] for k in trainer.label_transfer.to_dict_hyphenated()}
+    assert trainer.mirror_axes == run_config.parse_mirror_axes(D["mirror-axes"])
 
 
 # ------------------------------------------------------------------------------------- fail fast
