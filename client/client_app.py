@@ -96,7 +96,8 @@ def _cannot_take_part(msg: Message, site: str, role: str, error: object) -> Mess
     """The identify reply of a node without usable data: the server names it and goes on without
     it (or, with too few training sites left, fails the run at once with this reason)."""
     print(f"[site {site}] cannot take part: {error}", flush=True)
-    identity = ConfigRecord({"site": site, "role": role, "error": str(error)[-300:]})
+    text = " ".join(str(error).split())
+    identity = ConfigRecord({"site": site, "role": role, "error": text if len(text) <= 300 else text[:297] + "..."})
     return Message(RecordDict({"identity": identity, "counts": MetricRecord({"cases": 0})}), reply_to=msg)
 
 
@@ -119,7 +120,8 @@ def identify(msg: Message, context: Context) -> Message:
     try:
         problems = site.index.problems
         if not site.cases:  # the site's folder is missing or holds no usable case
-            raise ValueError("; ".join(str(p) for p in problems[:3]) or f"{site.identity.data_dir}: no usable case")
+            first = f" ({len(problems)} problem(s), the first: {problems[0]})" if problems else ""
+            raise ValueError(f"{site.identity.data_dir}: no usable case{first}")
     except Exception as err:  # noqa: BLE001  (no usable data: say so under the site's name)
         return _cannot_take_part(msg, site.identity.site, site.identity.role, err)
     for problem in problems:
