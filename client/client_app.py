@@ -26,14 +26,13 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.evaluation import SiteEvaluation, evaluate_pairs, write_qualitative_png
+from client.pipeline import site_volumes, trainer_config
 from client.site import SiteData, resolve_identity
 from client.trainer import CPSTrainer, TrainerConfig
 from common.device import describe, resolve_device
 from common.federation_config import parse_sites
-from common.label_transfer_config import LabelTransferConfig
 from common.phases import parse_phase_list
-from common.run_config import parse_mirror_axes
-from common.fingerprint import FingerprintConfig, compute_site_fingerprint
+from common.fingerprint import FingerprintConfig
 from common.planning import plans_hash
 from common.postprocessing import Postprocessing
 from common import run_config as schema
@@ -41,6 +40,7 @@ from common.quantization import update_encoding_mod
 from common.scores import VALIDATION_PREFIX
 from common.splits import TEST, VALIDATION
 from common.stunet import build_stunet_from_plans
+from common.names import BRANCHES
 from common.weights import (
     flatten,
     from_arrayrecord,
@@ -54,7 +54,6 @@ app = ClientApp()
 
 LOCAL_NORM_KEY = "local-norm"
 MOMENTUM_KEY = "optimizer-momentum"
-LABEL_TRANSFER_KEYS = tuple(LabelTransferConfig().to_dict_hyphenated())  # location-scale, non-contrast, ...
 
 
 def setting(config: Mapping[str, object], key: str) -> object:
@@ -92,13 +91,14 @@ def _verified_plans(config: ConfigRecord) -> tuple[dict, str]:
     return plans, local_hash
 
 
-def _cannot_take_part(msg: Message, site: str, role: str, error: object) -> Message:
+def _cannot_take_part(msg: Message, context: Context, site: str, role: str, error: object) -> Message:
     """The identify reply of a node without usable data: the server names it and goes on without
-    it (or, with too few training sites left, fails the run at once with this reason)."""
+    it (or, with too few training sites left or in a simulation, fails the run at once with this reason)."""
     print(f"[site {site}] cannot take part: {error}", flush=True)
     text = " ".join(str(error).split())
     identity = ConfigRecord({"site": site, "role": role, "error": text if len(text) <= 300 else text[:297] + "..."})
-    return Message(RecordDict({"identity": identity, "counts": MetricRecord({"cases": 0})}), reply_to=msg)
+    return Message(RecordDict({"identity": identity, "counts": MetricRecord({"cases": 0}), **_simulation(context)}),
+                   reply_to=msg)
 
 
 def _partition_assignment(context: Context) -> tuple[str, str]:
@@ -111,21 +111,35 @@ def _partition_assignment(context: Context) -> tuple[str, str]:
     return assignment.site, assignment.role
 
 
+def _simulation(context: Context) -> dict[str, MetricRecord]:
+    """A simulation node's identify reply says how many nodes the simulation has (Flower's
+    `num-partitions`): with fewer than run config `sites` names, the server knows at once that the
+    missing sites never come. A deployed node (node config `site`) adds nothing."""
+    node = context.node_config
+    if "site" in node or "num-partitions" not in node:
+        return {}
+    return {"simulation": MetricRecord({"partition-id": int(node.get("partition-id", -1)),  # type: ignore[arg-type]
+                                        "num-partitions": int(node["num-partitions"])})}  # type: ignore[arg-type]
+
+
 @app.query("identify")
 def identify(msg: Message, context: Context) -> Message:
     try:
         site = _site(context)
     except ValueError as err:  # simulation: an empty data-root, a partition without a site
-        return _cannot_take_part(msg, *_partition_assignment(context), err)
+        return _cannot_take_part(msg, context, *_partition_assignment(context), err)
     try:
         problems = site.index.problems
         if not site.cases:  # the site's folder is missing or holds no usable case
             first = f" ({len(problems)} problem(s), the first: {problems[0]})" if problems else ""
             raise ValueError(f"{site.identity.data_dir}: no usable case{first}")
     except Exception as err:  # noqa: BLE001  (no usable data: say so under the site's name)
-        return _cannot_take_part(msg, site.identity.site, site.identity.role, err)
+        return _cannot_take_part(msg, context, site.identity.site, site.identity.role, err)
     for problem in problems:
         _log(site, str(problem))
+    if site.identity.prepared:
+        _log(site, f"index: {len(site.cases)} cases; {site.file_checks.read} files read and checked, "
+                   f"{site.file_checks.reused} unchanged since the last message")
     counts = MetricRecord(
         {
             "cases": len(site.cases),
@@ -137,7 +151,7 @@ def identify(msg: Message, context: Context) -> Message:
         }
     )
     identity = ConfigRecord({"site": site.identity.site, "role": site.identity.role})
-    return Message(RecordDict({"identity": identity, "counts": counts}), reply_to=msg)
+    return Message(RecordDict({"identity": identity, "counts": counts, **_simulation(context)}), reply_to=msg)
 
 
 @app.query("fingerprint")
@@ -145,8 +159,12 @@ def fingerprint(msg: Message, context: Context) -> Message:
     site = _site(context)
     started = time.perf_counter()
     config = FingerprintConfig.from_array(msg.content["fingerprint-config"]["config"].numpy())
-    fp = compute_site_fingerprint(site.fingerprint_pairs(), config)
-    _log(site, f"fingerprint of {len(site.fingerprint_pairs())} volumes in {time.perf_counter() - started:.1f}s")
+    problems: list = []
+    fp, stats = site.fingerprint(config, problems)
+    for problem in problems:
+        _log(site, str(problem))
+    _log(site, f"fingerprint of {fp.num_images} volumes in {time.perf_counter() - started:.1f}s "
+               f"({stats.computed} read now, {stats.reused} unchanged)")
     arrays = ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in fp.to_arrays().items()})
     return Message(RecordDict({"fingerprint": arrays}), reply_to=msg)
 
@@ -180,8 +198,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     plans, local_hash = _verified_plans(config)
 
-    volumes = site.training_volumes(plans, include_unlabeled=str(setting(config, "mode")) == "cps",
-                                    propagate_labels=bool(setting(config, "propagate-labels")))
+    volumes = site_volumes([site], plans, include_unlabeled=str(setting(config, "mode")) == "cps",
+                           propagate_labels=bool(setting(config, "propagate-labels")))
     for problem in volumes.problems:
         _log(site, str(problem))
     if not volumes.labeled:
@@ -241,24 +259,12 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _trainer_config(config: ConfigRecord, device: torch.device | str = "cpu") -> TrainerConfig:
-    """The round's trainer settings from the train message's config (run-config names)."""
-    def get(key: str) -> object:
-        return setting(config, key)
-
-    return TrainerConfig(
-        device=str(device),
-        mode=str(get("mode")),
-        batch_size=int(get("batch-size")),
-        unlabeled_batch_size=int(get("unlabeled-batch-size")),
-        learning_rate=float(get("learning-rate")),
-        lambda_max=float(get("cps-lambda-max")),
-        rampup_iterations=int(get("cps-rampup-rounds")) * int(get("local-iterations")),
-        proximal_mu=float(get("proximal-mu")),
-        cps_confidence=float(get("cps-confidence")),
-        balance_phases=bool(get("balance-phases")),
-        mirror_axes=parse_mirror_axes(str(get("mirror-axes"))),
-        label_transfer=LabelTransferConfig.from_hyphenated({key: get(key) for key in LABEL_TRANSFER_KEYS}),
-        seed=int(get("seed")) + 1000 * int(config["server-round"]),  # each round samples anew
+    """The round's trainer settings from the train message's config (run-config names, mapped by
+    client.pipeline.trainer_config); the ramp-up and the seed follow the round."""
+    return trainer_config(
+        config, device=str(device),
+        rampup_iterations=int(setting(config, "cps-rampup-rounds")) * int(setting(config, "local-iterations")),
+        seed=int(setting(config, "seed")) + 1000 * int(config["server-round"]),  # each round samples anew
     )
 
 
@@ -270,7 +276,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     plans, _ = _verified_plans(config)
     branches = to_torch(unflatten(from_arrayrecord(msg.content["arrays"])))
     nets = []
-    for name in ("a", "b"):
+    for name in BRANCHES:
         net = build_stunet_from_plans(plans, deep_supervision=False)
         net.load_state_dict(branches[name])
         nets.append(net.eval())
@@ -280,7 +286,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     def score(pairs: list) -> SiteEvaluation:
         return evaluate_pairs(nets, plans, pairs, step=float(setting(config, "evaluate-step")),
-                              postprocessing=postprocessing, log=lambda line: _log(site, line), device=device)
+                              postprocessing=postprocessing, log=lambda line: _log(site, line), device=device,
+                              cache=site.preprocessing_cache(plans) if site.identity.prepared else None)
 
     # Training cases are never scored: validation (selection only) and test (report only) stay apart.
     held_out = site.identity.role == "eval"

@@ -31,9 +31,7 @@ import torch
 
 from client.label_transfer import insert_after_spatial, label_transfer_transforms
 from common.label_transfer_config import LabelTransferConfig
-
-#: Foreground voxels kept per volume for oversampling (nnU-Net keeps about 10k per class).
-MAX_FOREGROUND_SAMPLES = 10_000
+from common.preprocessing import MAX_FOREGROUND_SAMPLES, foreground_locations
 
 #: nnU-Net pads the image with 0 and the segmentation with -1 outside the volume.
 _PAD_DATA, _PAD_SEG = 0.0, -1
@@ -159,15 +157,6 @@ class PatchSampler:
         return image, target
 
 
-def foreground_locations(seg: np.ndarray, max_samples: int = MAX_FOREGROUND_SAMPLES,
-                         seed: int = 1234) -> np.ndarray:
-    """(k, 3) voxel coordinates (z, y, x) of foreground (seg > 0), subsampled like nnU-Net's class_locations."""
-    coords = np.argwhere(np.asarray(seg[0]) > 0)
-    if len(coords) > max_samples:
-        coords = coords[np.random.default_rng(seed).choice(len(coords), max_samples, replace=False)]
-    return coords
-
-
 # --------------------------------------------------------------------------------------------- batches
 @dataclass
 class Batch:
@@ -200,8 +189,9 @@ class _Volume:
     def foreground(self) -> np.ndarray | None:
         if not self.with_seg:
             return None
-        if self._foreground is None:
-            self._foreground = foreground_locations(self.arrays()[1])
+        if self._foreground is None:  # stored by preprocessing; computed for volumes from elsewhere
+            stored = self.volume.foreground() if hasattr(self.volume, "foreground") else None
+            self._foreground = stored if stored is not None else foreground_locations(self.arrays()[1])
         return self._foreground
 
 

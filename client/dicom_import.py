@@ -33,6 +33,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from common.atomic_write import atomic_path, atomic_write_json
 from common.phases import PHASES, image_filename
 
 MAPPING_FILE = "import_dicom_mapping.json"
@@ -391,17 +392,7 @@ def _load_mapping(path: Path) -> dict[str, dict]:
 
 def _write_private_json(path: Path, data: dict) -> None:
     """Write atomically with mode 0600 from the first byte (it holds patient identifiers)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, data, permissions=0o600, indent=2, ensure_ascii=False)
 
 
 def _study_key(header: _Header) -> str | None:
@@ -414,12 +405,8 @@ def _study_key(header: _Header) -> str | None:
 
 def _write_image(image: sitk.Image, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name[:-len('.nii.gz')]}.{os.getpid()}.tmp.nii.gz")
-    try:
+    with atomic_path(dest, suffix=".nii.gz") as tmp:  # keeps the ending ITK reads the format from
         sitk.WriteImage(image, str(tmp), useCompression=True)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- the import

@@ -17,9 +17,10 @@ import SimpleITK as sitk
 import torch
 
 from common.discovery import Case, Problem
-from common.inference import predict_image
+from common.inference import predict_image, predict_preprocessed
 from common.metrics import dice, hd95
 from common.postprocessing import NO_POSTPROCESSING, Postprocessing
+from common.preprocessing import PreprocessingCache
 from common.scores import PhaseSummary, to_metrics
 
 QUALITATIVE_PHASES = ("GED4", "T1", "T2", "DWI_800")
@@ -55,11 +56,15 @@ def evaluate_pairs(
     postprocessing: Postprocessing = NO_POSTPROCESSING,
     log: Callable[[str], None] = print,
     device: torch.device | str | None = None,
+    cache: PreprocessingCache | None = None,
 ) -> SiteEvaluation:
     """Predict every (case, phase) with a mask (then `postprocessing` for that phase) and score it against that mask.
 
     device: where the nets run (moved there first; None: where they are). The sliding window runs
     on the nets' device and brings the probabilities back to the CPU for resampling and scoring.
+    cache: the site's preprocessed volumes (made with `plans`): each volume is predicted from its
+    entry (preprocessed once, the first time) instead of from the raw file; scores are on the raw
+    grid either way.
     """
     if device is not None:
         nets = [net.to(device) for net in nets]
@@ -69,8 +74,13 @@ def evaluate_pairs(
     for case, phase in pairs:
         image_path, mask_path = case.images[phase], case.masks[phase]
         try:
-            predicted = predict_image(nets, image_path, plans, step=step, postprocessing=postprocessing.for_phase(phase))
-            prediction = sitk.GetArrayFromImage(predicted) > 0
+            method = postprocessing.for_phase(phase)
+            if cache is None:
+                prediction = sitk.GetArrayFromImage(predict_image(nets, image_path, plans, step=step,
+                                                                  postprocessing=method)) > 0
+            else:
+                data, _, properties = cache.get(case, phase, with_mask=True).load(mmap=False)
+                prediction = predict_preprocessed(nets, data, properties, plans, step=step, postprocessing=method) > 0
             mask_image = sitk.ReadImage(str(mask_path))
             truth = np.isin(sitk.GetArrayFromImage(mask_image), case.foreground_labels)
         except Exception as error:  # one bad volume must not stop the evaluation

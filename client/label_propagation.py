@@ -12,10 +12,11 @@ in its cache folder.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import SimpleITK as sitk
+
+from common.atomic_write import atomic_path
 
 
 def _grid_of(image: Path) -> sitk.Image:
@@ -45,9 +46,8 @@ def propagate_mask(mask: Path, image: Path, out: Path, foreground_labels: tuple[
         liver = liver | (source == int(label))
     propagated = sitk.Resample(liver, _grid_of(image), sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial.nii.gz")
-    sitk.WriteImage(propagated, str(partial), True)
-    os.replace(partial, out)  # a crash never leaves a half-written mask under the final name
+    with atomic_path(out, suffix=".nii.gz") as partial:  # never a half-written mask under the final name
+        sitk.WriteImage(propagated, str(partial), True)
     return out
 
 

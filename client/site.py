@@ -1,5 +1,17 @@
 """One hospital as the ClientApp sees it: who it is, where its data and cache live, what it trains on.
 
+Its cache folder holds the site's prepared dataset, nnU-Net's persistent raw -> preprocessed stage:
+everything a message needs that can be computed once per change of the files.
+
+    <cache>/index/files.json              each file's validation findings (path, size, mtime)
+    <cache>/fingerprint/<key>.npz         each volume's fingerprint (merged exactly per message)
+    <cache>/preprocessed/<plans hash>/    each volume's data, seg, foreground locations, properties
+    <cache>/propagated/                   GED4 masks carried onto the other phases
+
+In deployment every message is a fresh process: an unchanged site reads no voxel to be indexed or
+fingerprinted, and trains and evaluates from the preprocessed entries. `prepare` builds all of it
+ahead of the first message (`fedliver prepare`).
+
 What each case is for follows the evaluation protocol: at a training site, only cases of the
 "train" split are trained on (and fingerprinted); "validation" cases (labeled GED4) only serve model
 selection, "test" cases only the report. At a held-out site (role "eval") every case is a test case.
@@ -20,7 +32,11 @@ from pathlib import Path
 from client.label_propagation import propagate_mask
 from common.discovery import Case, CaseIndex, Problem, index_dataset
 from common.federation_config import FederationConfig, SiteAssignment
+from common.file_checks import StoredFileChecks
+from common.fingerprint import FingerprintConfig, SiteFingerprint, compute_site_fingerprint
+from common.fingerprint_cache import FingerprintCacheStats, cached_site_fingerprint
 from common.phases import LABELED_PHASE, NON_CONTRAST_PHASES
+from common.planning import plans_hash
 from common.preprocessing import PreprocessedVolume, PreprocessingCache, preprocess_case_phases
 from common.splits import SPLITS, TEST, TRAIN, VALIDATION
 
@@ -33,6 +49,9 @@ class SiteIdentity:
     cache_dir: Path
     output_dir: Path
     centers: tuple[str, ...] | None = None  # restrict a multi-vendor root to this site's vendor
+    # False: no prepared dataset, every message reads and checks the raw files again (the behaviour
+    # before it; node config `prepared-dataset=false`, the baseline of simulations.benchmarks.bench_site)
+    prepared: bool = True
 
     @property
     def assignment(self) -> SiteAssignment:
@@ -63,14 +82,14 @@ def resolve_identity(node_config: Mapping[str, object], run_config: Mapping[str,
             cache_dir=_resolved(cache_dir),
             output_dir=_resolved(output_dir),
             centers=tuple(c for c in centers.split(",") if c) or None,
+            prepared=str(node_config.get("prepared-dataset", True)).lower() not in ("false", "0", "no"),
         )
     config = FederationConfig.from_run_config(run_config)
     partition = int(node_config["partition-id"])  # type: ignore[arg-type]
     if partition >= len(config.sites):
         raise ValueError(f"partition {partition} has no site in run config 'sites' ({len(config.sites)} given)")
     if config.data_root is None:
-        raise ValueError("run config 'data-root' is empty: a simulation reads every site under it; give the folder "
-                         "holding the Vendor_<X> trees, e.g. --run-config \"data-root='/abs/phantoms'\"")
+        raise ValueError("run config 'data-root' is empty (a simulation reads every site's Vendor_<X> tree under it)")
     assignment = config.sites[partition]
     site_dir = config.run_dir / "sites" / assignment.site
     return SiteIdentity(
@@ -96,10 +115,41 @@ class SiteData:
     def __init__(self, identity: SiteIdentity, *, unlabeled_phases: tuple[str, ...] = NON_CONTRAST_PHASES):
         self.identity = identity
         self.unlabeled_phases = unlabeled_phases
+        self._caches: dict[str, PreprocessingCache] = {}
+
+    @cached_property
+    def file_checks(self) -> StoredFileChecks:
+        """The site's stored validation findings; `read` says how many files this message read."""
+        return StoredFileChecks(self.identity.cache_dir / "index" / "files.json")
 
     @cached_property
     def index(self) -> CaseIndex:
-        return index_dataset(self.identity.data_dir, centers=self.identity.centers)
+        """The validated case index: folders walked now, each file checked once per change."""
+        if not self.identity.prepared:
+            return index_dataset(self.identity.data_dir, centers=self.identity.centers)
+        index = index_dataset(self.identity.data_dir, centers=self.identity.centers, inspector=self.file_checks)
+        try:
+            self.file_checks.save()
+        except OSError as error:  # a read-only cache folder costs speed, never the message
+            print(f"[site {self.identity.site}] cannot store the file checks: {error}", flush=True)
+        return index
+
+    def preprocessing_cache(self, plans: dict) -> PreprocessingCache:
+        """The preprocessed volumes for `plans`; one object per plans, so its counters add up."""
+        key = plans_hash(plans)
+        if key not in self._caches:
+            self._caches[key] = PreprocessingCache(self.identity.cache_dir / "preprocessed", plans,
+                                                   trust_stamps=self.identity.prepared)
+        return self._caches[key]
+
+    def fingerprint(self, config: FingerprintConfig | None = None,
+                    problems: list[Problem] | None = None) -> tuple[SiteFingerprint, FingerprintCacheStats]:
+        """The site's fingerprint of `fingerprint_pairs()`, each volume's part kept in the cache."""
+        if not self.identity.prepared:
+            pairs = self.fingerprint_pairs()
+            return compute_site_fingerprint(pairs, config, problems), FingerprintCacheStats(computed=len(pairs))
+        return cached_site_fingerprint(self.fingerprint_pairs(), self.identity.cache_dir / "fingerprint",
+                                       config, problems)
 
     @property
     def cases(self) -> list[Case]:
@@ -156,7 +206,7 @@ class SiteData:
                          propagate_labels: bool = False) -> TrainingVolumes:
         """Labeled (with `propagate_labels`, also the labeled cases' other phases under their
         propagated GED4 mask) and unlabeled volumes of the training cases, preprocessed."""
-        cache = PreprocessingCache(self.identity.cache_dir / "preprocessed", plans)
+        cache = self.preprocessing_cache(plans)
         labeled, problems = _preprocess(cache, self.labeled_pairs(), with_masks=True)
         unlabeled_pairs = self.unlabeled_pairs()
         if propagate_labels:
@@ -180,13 +230,58 @@ class SiteData:
 
     def validation_volumes(self, plans: dict) -> TrainingVolumes:
         """The validation GED4 volumes, preprocessed with their masks (the trainer's CPS gate)."""
-        cache = PreprocessingCache(self.identity.cache_dir / "preprocessed", plans)
-        labeled, problems = _preprocess(cache, self.validation_pairs(), with_masks=True)
+        labeled, problems = _preprocess(self.preprocessing_cache(plans), self.validation_pairs(), with_masks=True)
         return TrainingVolumes(labeled, [], problems)
 
     def test_pairs(self) -> list[tuple[Case, str]]:
         """(case, phase) for every phase with a mask of test cases (every labeled phase at a held-out site)."""
         return [(case, phase) for case in self.cases_in(TEST) for phase in case.masks if phase in case.images]
+
+    def prepare(self, plans: dict | None = None, *, propagate_labels: bool = True,
+                fingerprint_config: FingerprintConfig | None = None) -> PreparedSite:
+        """Build or refresh the prepared dataset: index, fingerprint and, with `plans`, every volume
+        a message would preprocess (training, validation and test), as the messages will ask for them."""
+        problems = list(self.index.problems)
+        _, fingerprint = self.fingerprint(fingerprint_config, problems)
+        preprocessed = cache = None
+        if plans is not None:
+            cache = self.preprocessing_cache(plans)
+            volumes = self.training_volumes(plans, include_unlabeled=True, propagate_labels=propagate_labels)
+            validation = self.validation_volumes(plans)
+            test, failed = _preprocess(cache, self.test_pairs(), with_masks=True)
+            problems += volumes.problems + validation.problems + failed
+            preprocessed = len(volumes.labeled) + len(volumes.unlabeled) + len(validation.labeled) + len(test)
+        return PreparedSite(self.index, self.file_checks.read, self.file_checks.reused, fingerprint,
+                            preprocessed, cache, _unique(problems))
+
+
+@dataclass(frozen=True)
+class PreparedSite:
+    """What `SiteData.prepare` did, for `fedliver prepare` to print."""
+
+    index: CaseIndex
+    files_read: int
+    files_unchanged: int
+    fingerprint: FingerprintCacheStats
+    volumes: int | None  # preprocessed volumes in the cache (None without plans)
+    cache: PreprocessingCache | None
+    problems: list[Problem]
+
+    def summary(self) -> list[str]:
+        cases = self.index.cases
+        lines = [f"index: {len(cases)} cases ({sum(c.labeled for c in cases)} labeled); "
+                 f"{self.files_read} files read and checked, {self.files_unchanged} unchanged",
+                 f"fingerprint: {self.fingerprint.computed} volumes read, {self.fingerprint.reused} unchanged"]
+        if self.cache is not None:
+            lines.append(f"preprocessed/{self.cache.folder.name}: {self.volumes} volumes, "
+                         f"{self.cache.computed} preprocessed now, {self.cache.hashed} files hashed")
+        lines.append(f"{len(self.problems)} problem(s)")
+        return lines + [str(p) for p in self.problems]
+
+
+def _unique(problems: list[Problem]) -> list[Problem]:
+    """Each problem line once (the index and preprocessing may name the same file)."""
+    return list(dict.fromkeys(problems))
 
 
 def _preprocess(

@@ -24,7 +24,6 @@ import resource
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -36,11 +35,11 @@ from client.data_loading import (AugmentationParams, Batch, BatchBuilder, Prefet
 from client.losses import CrossPseudoLoss, cps_lambda, poly_lr, proximal_term, supervised_loss
 from common.device import AUTOCAST_CHOICES, autocast_dtype
 from common.label_transfer_config import DEFAULT_LABEL_TRANSFER, LabelTransferConfig
+from common.names import BRANCHES, CONFIGURATION
 from common.phases import LABELED_PHASE
 from common.pretrained import load_initial_weights
 from common.run_config import default, parse_mirror_axes
 
-BRANCHES = ("a", "b")
 MODES = ("cps", "supervised")
 
 LogFn = Callable[[str], None]
@@ -200,13 +199,13 @@ class CPSTrainer:
                                               weight_decay=config.weight_decay, nesterov=True)
                            for b, net in self.nets.items()}
 
-        conf = plans["configurations"]["3d_fullres"]
+        conf = plans["configurations"][CONFIGURATION]
         patch = config.patch_size or tuple(int(p) for p in conf["patch_size"])
-        net_a = self.nets["a"]
-        if any(p % d for p, d in zip(patch, net_a.divisor)):
-            raise ValueError(f"patch {patch} (z, y, x) is not divisible by the network's {net_a.divisor}")
+        net = self.nets[BRANCHES[0]]  # both branches are the same architecture
+        if any(p % d for p, d in zip(patch, net.divisor)):
+            raise ValueError(f"patch {patch} (z, y, x) is not divisible by the network's {net.divisor}")
         self.params: AugmentationParams = augmentation_params(patch, config.mirror_axes)
-        strides = [[1, 1, 1]] + [list(s) for s in net_a.strides]
+        strides = [[1, 1, 1]] + [list(s) for s in net.strides]
         self.ds_scales = deep_supervision_scales(strides, num_outputs=5)
         batch_dice = bool(conf.get("batch_dice", False))
         self.sup_loss = supervised_loss(len(self.ds_scales), batch_dice)
@@ -315,10 +314,9 @@ class CPSTrainer:
             if cfg.mode == "cps" and lam > 0:
                 start = 0 if cfg.cps_on_labeled else n_lab
                 if start < x.shape[0]:
-                    out_a = [o[start:] for o in outputs["a"]]
-                    out_b = [o[start:] for o in outputs["b"]]
+                    out_a, out_b = ([o[start:] for o in outputs[b]] for b in BRANCHES)
                     cps = self.cross_loss(out_a, out_b) + self.cross_loss(out_b, out_a)
-            total = sup["a"] + sup["b"] + lam * cps
+            total = sum(sup.values()) + lam * cps
         if cfg.proximal_mu > 0 and reference is not None:
             total = total + sum(proximal_term(self.nets[b], reference[b], cfg.proximal_mu) for b in BRANCHES)
 
@@ -341,7 +339,7 @@ class CPSTrainer:
                 scaler.step(self.optimizers[b])  # skipped when the scaled gradients overflowed
         if scaler is not None:
             scaler.update()
-        return {"sup_a": float(sup["a"].detach()), "sup_b": float(sup["b"].detach()),
+        return {**{f"sup_{b}": float(sup[b].detach()) for b in BRANCHES},
                 "cps": float(cps.detach()), "total": float(total.detach())}
 
     def train(self, iterations: int, *, start_iteration: int = 0, total_iterations: int | None = None,
@@ -466,7 +464,7 @@ class CPSTrainer:
                 data = torch.from_numpy(np.array(data, dtype=np.float32))  # writable copy of the memmap
                 pred = {b: sliding_window_predict(self.nets[b], data, patch, step=step).argmax(0).numpy()
                         for b in BRANCHES}
-                scores.append(dice(pred["a"], pred["b"]))
+                scores.append(dice(*(pred[b] for b in BRANCHES)))
             if scores:
                 result[phase] = float(np.mean(scores))
         return result

@@ -37,9 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from common.cases import Case
 from common.phases import LABELED_PHASE, PHASES
-from common.splits import SPLIT_FILE, SPLITS, TRAIN, read_splits
-from common.validation import Problem, ValidationConfig, ValidationError, validate_case
+from common.problems import Problem, ValidationError
+from common.splits import SPLIT_FILE, SPLITS, read_splits
+from common.validation import READ_EVERY_FILE, FileInspector, ValidationConfig, validate_case
 
 __all__ = [
     "Case", "CaseIndex", "Problem", "index_dataset", "detect_layout", "liver_labels", "phase_for_channel",
@@ -52,35 +54,6 @@ _STAGE = re.compile(r"-S(\d+)$")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _ATLAS_IMAGE = re.compile(r"^im(?P<n>\d+)$")
 _PHASE_ALIASES = {"T1WI": "T1", "T2WI": "T2", "DWI": "DWI_800", "DWI800": "DWI_800"}
-
-
-@dataclass(frozen=True)
-class Case:
-    case_id: str  # "0001-A-S2", "0001-A", "im3"
-    center: str  # "A", "B1", ... ("" when the layout has none)
-    stage: int | None  # fibrosis stage when the name carries it
-    images: Mapping[str, Path]  # phase -> image file (valid files only), in PHASES order
-    masks: Mapping[str, Path]  # phase -> mask file (valid files only)
-    foreground_labels: tuple[int, ...] = (1,)  # label values that mean liver (ATLAS: (1, 2))
-    split: str = TRAIN  # "train" | "validation" | "test", from the folder's splits.json
-
-    def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise ValueError(f"case {self.case_id}: split must be one of {', '.join(SPLITS)}, got {self.split!r}")
-        # Own plain dicts (picklable, detached from the caller's), phases in report order.
-        order = {p: i for i, p in enumerate(PHASES)}
-        for name in ("images", "masks"):
-            items = sorted(getattr(self, name).items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
-            object.__setattr__(self, name, {k: Path(v) for k, v in items})
-        object.__setattr__(self, "foreground_labels", tuple(int(v) for v in self.foreground_labels))
-
-    def __hash__(self) -> int:
-        return hash((self.case_id, self.center, self.stage, tuple(self.images.items()),
-                     tuple(self.masks.items()), self.foreground_labels, self.split))
-
-    @property
-    def labeled(self) -> bool:
-        return bool(self.masks)
 
 
 @dataclass
@@ -382,10 +355,13 @@ def index_dataset(
     centers: Sequence[str] | None = None,
     validate: bool = True,
     config: ValidationConfig | None = None,
+    inspector: FileInspector = READ_EVERY_FILE,
 ) -> CaseIndex:
     """Find the cases under `root` and, with `validate`, keep only files that pass validation.
 
     `validate=False` only walks folders (no file is opened), for callers that validated before.
+    `inspector` checks each file: by default every file is read; a site's prepared dataset passes
+    its stored findings (common/file_checks.py), so only new or changed files are read.
     `centers` keeps only those LiQA centers. Raises `ValidationError` when `root` is no dataset.
     """
     root = Path(root)
@@ -402,7 +378,7 @@ def index_dataset(
     config = config or ValidationConfig()
     cases = []
     for case in found:
-        kept, case_problems = validate_case(case, config, allowed_labels=declared)
+        kept, case_problems = validate_case(case, config, allowed_labels=declared, inspector=inspector)
         problems += case_problems
         if kept is not None:
             cases.append(kept)

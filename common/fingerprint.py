@@ -33,14 +33,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from common.image_io import DEFAULT_READER, image_reader
-
-if TYPE_CHECKING:
-    from common.discovery import Problem
+from common.problems import Problem, one_line
 
 _FORMAT_VERSION = 1
 
@@ -402,7 +400,7 @@ def analyze_image(image: Path, mask: Path | None) -> tuple[list[float], list[int
 
 
 def compute_site_fingerprint(pairs: Sequence[tuple[Path, Path | None]], config: FingerprintConfig | None = None,
-                             problems: list["Problem"] | None = None) -> SiteFingerprint:
+                             problems: list[Problem] | None = None) -> SiteFingerprint:
     """Fingerprint of (image, mask or None) pairs: every image adds spacing/shape, labeled ones
     also foreground intensities. With a `problems` list, a bad file is recorded there
     (common.discovery.Problem) and skipped; without one, the first bad file raises."""
@@ -413,9 +411,7 @@ def compute_site_fingerprint(pairs: Sequence[tuple[Path, Path | None]], config: 
         except Exception as e:
             if problems is None:
                 raise
-            from common.discovery import Problem
-
-            text = " ".join(str(e).split()) or type(e).__name__
+            text = one_line(e, limit=10_000)
             for p in (str(image), str(mask)):  # drop the leading "path:" our own messages carry
                 text = text.removeprefix(f"{p}: ")
             bad = mask if mask is not None and str(mask) in str(e) else image

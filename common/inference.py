@@ -375,35 +375,26 @@ def _foreground_to_raw_grid(foreground: torch.Tensor, plans_manager, configurati
     return seg.transpose(plans_manager.transpose_backward)
 
 
-def predict_image(nets: Sequence[nn.Module] | nn.Module, image: Path, plans: dict, *, mirror: bool = False,
-                  step: float = 0.5, batch_size: int = 2, postprocessing: str = "none"):
-    """Segment one NIfTI volume: a uint8 0/1 `SimpleITK.Image` with exactly the input's grid.
+def predict_preprocessed(nets: Sequence[nn.Module] | nn.Module, data: np.ndarray | torch.Tensor, properties: dict,
+                         plans: dict, *, mirror: bool = False, step: float = 0.5, batch_size: int = 2,
+                         postprocessing: str = "none") -> np.ndarray:
+    """Segment one volume preprocessed with `plans` (`common.preprocessing.preprocess_image`, or a
+    site's cached entry): a uint8 0/1 array (z, y, x) on the raw file's grid, in the file's order.
 
     postprocessing: "none" or "largest-component" (`common.postprocessing`).
-
-    Raises `common.nifti.ImageReadError` for an unreadable file and ValueError for other bad input.
     """
-    import SimpleITK as sitk
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from common.image_io import to_file_order
-    from common.nifti import read_info
     from common.planning import CONFIGURATION, DATASET_JSON
     from common.postprocessing import check_method, postprocess_mask
-    from common.preprocessing import preprocess_image
 
     check_method(postprocessing)
-    image = Path(image)
-    info = read_info(image)  # one-line error for unreadable files, before nnunetv2 sees them
-    if info.geometry.dimension != 3 or info.components != 1:
-        raise ValueError(f"{image}: expected a 3-D scalar image, got {info.geometry.dimension}-D "
-                         f"with {info.components} component(s)")
     plans_manager = PlansManager(plans)
     configuration = plans_manager.get_configuration(CONFIGURATION)
-    data, _, properties = preprocess_image(image, plans)
-    probs, foreground = _sliding_window(nets, torch.from_numpy(data), configuration.patch_size, step, mirror,
-                                        batch_size)
+    data = torch.from_numpy(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data
+    probs, foreground = _sliding_window(nets, data, configuration.patch_size, step, mirror, batch_size)
     probs = probs.to("cpu")
     if foreground:
         seg = _foreground_to_raw_grid(probs, plans_manager, configuration, properties)
@@ -414,11 +405,36 @@ def predict_image(nets: Sequence[nn.Module] | nn.Module, image: Path, plans: dic
             probs.contiguous(), plans_manager, configuration, plans_manager.get_label_manager(dict(DATASET_JSON)),
             properties, return_probabilities=False, num_threads_torch=torch.get_num_threads())
     seg = to_file_order(np.asarray(seg), properties)  # undo the plans' reader's reorientation
+    return postprocess_mask(seg, postprocessing)
+
+
+def predict_image(nets: Sequence[nn.Module] | nn.Module, image: Path, plans: dict, *, mirror: bool = False,
+                  step: float = 0.5, batch_size: int = 2, postprocessing: str = "none"):
+    """Segment one NIfTI volume: a uint8 0/1 `SimpleITK.Image` with exactly the input's grid.
+
+    postprocessing: "none" or "largest-component" (`common.postprocessing`).
+
+    Raises `common.nifti.ImageReadError` for an unreadable file and ValueError for other bad input.
+    """
+    import SimpleITK as sitk
+
+    from common.nifti import read_info
+    from common.postprocessing import check_method
+    from common.preprocessing import preprocess_image
+
+    check_method(postprocessing)
+    image = Path(image)
+    info = read_info(image)  # one-line error for unreadable files, before nnunetv2 sees them
+    if info.geometry.dimension != 3 or info.components != 1:
+        raise ValueError(f"{image}: expected a 3-D scalar image, got {info.geometry.dimension}-D "
+                         f"with {info.components} component(s)")
+    data, _, properties = preprocess_image(image, plans)
+    seg = predict_preprocessed(nets, data, properties, plans, mirror=mirror, step=step, batch_size=batch_size,
+                               postprocessing=postprocessing)
     expected = tuple(reversed(info.geometry.size))
     if seg.shape != expected:
         raise RuntimeError(f"{image}: prediction shape {seg.shape} (z, y, x) does not match the input {expected}")
-    out = sitk.GetImageFromArray(postprocess_mask(seg, postprocessing))
-    return info.geometry.apply_to(out)
+    return info.geometry.apply_to(sitk.GetImageFromArray(seg))
 
 
-__all__ = ["sliding_window_predict", "predict_image"]
+__all__ = ["sliding_window_predict", "predict_preprocessed", "predict_image"]

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
+from common.atomic_write import atomic_directory
 from common.hashing import sha256_file
+from common.names import BRANCHES
 
 FORMAT = "fedliver-model-dir"
 FORMAT_VERSION = 1
@@ -54,7 +53,7 @@ class ModelBundle:
     manifest: dict
     path: Path | None = field(default=None)
 
-    def build_nets(self, branches: Sequence[str] = ("a", "b"), device: torch.device | str = "cpu") -> list[torch.nn.Module]:
+    def build_nets(self, branches: Sequence[str] = BRANCHES, device: torch.device | str = "cpu") -> list[torch.nn.Module]:
         """One STU-Net per named branch, weights loaded (strict), deep supervision off, eval mode."""
         from common.stunet import build_stunet_from_plans
 
@@ -104,13 +103,12 @@ def save_model_dir(path: Path, branches: Mapping[str, Mapping[str, torch.Tensor]
     plans_text = _json_text(plans, "plans")
     info_text = _json_text(info, "info")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    if path.exists() and not path.is_dir():
+        raise ModelDirError(f"{path}: exists and is not a folder")
+    with atomic_directory(path) as tmp:  # files are fsynced and the folder swapped in whole
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-        _write_text(tmp / PLANS_FILE, plans_text)
-        _write_text(tmp / INFO_FILE, info_text)
-        _fsync(tmp / WEIGHTS_FILE)
+        (tmp / PLANS_FILE).write_text(plans_text, encoding="utf-8")
+        (tmp / INFO_FILE).write_text(info_text, encoding="utf-8")
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -118,29 +116,7 @@ def save_model_dir(path: Path, branches: Mapping[str, Mapping[str, torch.Tensor]
             "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in _HASHED_FILES},
         }
         manifest["manifest_sha256"] = _manifest_digest(manifest)
-        _write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True))
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path`; an existing `path` is moved aside first and removed only afterwards."""
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    if not path.is_dir():
-        raise ModelDirError(f"{path}: exists and is not a folder")
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    os.replace(path, old / "m")          # directories cannot be replaced in one rename on POSIX
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.replace(old / "m", path)      # put the previous model back
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def _json_text(obj, what: str) -> str:
@@ -148,20 +124,6 @@ def _json_text(obj, what: str) -> str:
         return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:  # nan/inf or non-JSON types: refuse before writing anything
         raise ValueError(f"save_model_dir: {what} is not plain JSON ({e})") from None
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 
 
 def _manifest_digest(manifest: dict) -> str:

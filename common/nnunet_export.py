@@ -34,10 +34,6 @@ Dice 0.9999 per volume to `fedliver predict` in the same test.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,9 +41,11 @@ from typing import Sequence
 
 import torch
 
+from common.atomic_write import atomic_directory
 from common.hashing import sha256_file
 from common.model_dir import ModelBundle, load_model_dir
-from common.planning import CONFIGURATION, DATASET_JSON
+from common.names import BRANCHES, CONFIGURATION
+from common.planning import DATASET_JSON
 from common.postprocessing import Postprocessing
 
 STUNET_CLASS = "common.stunet.STUNet"
@@ -201,24 +199,6 @@ def _check_out(out: Path, overwrite: bool) -> bool:
     return True
 
 
-def _place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished folder into place; an earlier export is moved aside first, removed after."""
-    if _check_out(out, overwrite):
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "m")
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(old / "m", out)
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-        return
-    if out.exists():
-        out.rmdir()  # empty
-    os.replace(tmp, out)
-
-
 # --------------------------------------------------------------------------------------------- export
 def export_nnunet(model_dir: Path, out: Path, config: ExportConfig | None = None) -> ExportResult:
     """Write the nnU-Net v2 model folder for `model_dir` at `out` (see module docstring).
@@ -239,8 +219,9 @@ def export_nnunet(model_dir: Path, out: Path, config: ExportConfig | None = None
     num_labeled = bundle.info.get("num_labeled")
     dataset_json = nnunet_dataset_json(plans, num_labeled if isinstance(num_labeled, int) else 0)
     if config.ensemble == "softmax":
-        if branches != ["a", "b"]:
-            raise ExportError(f"--ensemble softmax exports the pair a, b as one net (got {', '.join(branches)})")
+        if branches != list(BRANCHES):
+            raise ExportError(f"--ensemble softmax exports the pair {', '.join(BRANCHES)} as one net "
+                              f"(got {', '.join(branches)})")
         plans["configurations"][CONFIGURATION]["architecture"]["network_class_name"] = ENSEMBLE_CLASS
         states = {"a+b": {f"{b}.{k}": v for b in branches for k, v in bundle.branches[b].items()}}
     else:
@@ -256,9 +237,6 @@ def export_nnunet(model_dir: Path, out: Path, config: ExportConfig | None = None
                               f"nnunetv2.training.nnUNetTrainer") from None
 
     _check_out(out, config.overwrite)  # refuse before any work
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()  # not mkdtemp: its 0700 mode would be the export's
     folds = {k: name for k, name in enumerate(states)}
     notes = []
     try:
@@ -268,7 +246,7 @@ def export_nnunet(model_dir: Path, out: Path, config: ExportConfig | None = None
     if postprocessing != "none":
         notes.append(f"MODEL_DIR's postprocessing, {postprocessing}, is not part of the export: nnU-Net "
                      f"writes the raw argmax, like `fedliver predict --postprocessing none`")
-    try:
+    with atomic_directory(out) as tmp:  # an earlier export is replaced only once the new one is whole
         _write_json(tmp / "dataset.json", dataset_json)
         _write_json(tmp / "plans.json", plans)
         digests = {}
@@ -289,10 +267,7 @@ def export_nnunet(model_dir: Path, out: Path, config: ExportConfig | None = None
                            if config.ensemble == "softmax" else
                            "nnU-Net averages the folds' logits; fedliver predict averages the branches' softmaxes"),
         })
-        _place(tmp, out, config.overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _check_out(out, config.overwrite)  # again: OUT may have been written to while we exported
     return ExportResult(out=out, folds=folds, notes=notes)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
 from copy import deepcopy
@@ -20,13 +19,14 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from common.atomic_write import atomic_write_text
 from common.image_io import DEFAULT_READER
+from common.names import CONFIGURATION  # re-exported: `from common.planning import CONFIGURATION` keeps working
 from common.nnunet_env import private_nnunet_env
 
 if TYPE_CHECKING:  # avoid importing the fingerprint module (and numpy work) just for a type
     from common.fingerprint import SiteFingerprint
 
-CONFIGURATION = "3d_fullres"
 DATASET_NAME = "Dataset999_FedLiver"
 PLANS_NAME = "fedliverPlans"
 
@@ -209,6 +209,16 @@ def plan_from_fingerprint(fp: "SiteFingerprint", config: PlanningConfig | None =
     return json.loads(canonical_json(plans))  # plain JSON types only (no tuples, no numpy)
 
 
+def plan_from_fingerprints(fingerprints: Sequence["SiteFingerprint"],
+                           config: PlanningConfig | None = None) -> tuple[dict, "SiteFingerprint"]:
+    """The sites' fingerprints merged exactly, and the plans for all of them: round 0 of the
+    federation and `fedliver train` (one fingerprint per center) alike. Returns (plans, merged)."""
+    from common.fingerprint import merge_fingerprints
+
+    merged = merge_fingerprints(list(fingerprints))
+    return plan_from_fingerprint(merged, config), merged
+
+
 def _write_placeholder_case(raw: Path, dataset_json: dict) -> None:
     import SimpleITK as sitk
 
@@ -265,9 +275,7 @@ def write_plans(plans: dict, path: Path) -> str:
     digest = plans_hash(plans)
     for target, text in ((folder / name, json.dumps(plans, indent=2, sort_keys=True, default=_json_default)),
                          (folder / (Path(name).stem + ".sha256"), digest + "\n")):
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        atomic_write_text(target, text)
     return digest
 
 

@@ -3,34 +3,34 @@
 `preprocess_image` runs nnunetv2's `DefaultPreprocessor.run_case_npy` in-process from a plans dict
 held in memory: transpose, crop to the nonzero region, per-image z-score, resample to the plans'
 spacing. `PreprocessingCache` stores the result per (plans, case, phase) as plain `.npy` + `.json`
-(no pickle), keyed by SHA-256 of the input files and of the plans, so unchanged inputs are reused.
+(no pickle), keyed by the input files (size, mtime, SHA-256) and the plans' hash, so unchanged inputs are reused.
 
 Cache layout::
 
     <root>/<plans_hash[:16]>/<case_id>/<phase>.npy        data   (1, z, y, x) float32
                                        <phase>_seg.npy    labels (1, z, y, x) int8 (only with a mask)
-                                       <phase>.json       properties + input/plans hashes
+                                       <phase>_fg.npy     foreground voxels (k, 3) int64 (only with a mask)
+                                       <phase>.json       properties + input/plans hashes and stamps
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from common.atomic_write import atomic_save_npy, atomic_write_text
+from common.cases import Case
+from common.hashing import sha256_file
 from common.image_io import image_reader, reader_name
 from common.planning import CONFIGURATION, DATASET_JSON, plans_hash
-from common.hashing import sha256_file
+from common.problems import Problem, one_line
 
-if TYPE_CHECKING:
-    from common.discovery import Case, Problem
-
-#: Bump when what is stored changes, so old cache entries are recomputed.
-CACHE_FORMAT = 1
+#: Bump when what is stored changes, so old cache entries are recomputed (2: foreground locations).
+CACHE_FORMAT = 2
 
 
 # --------------------------------------------------------------------------------------------- one volume
@@ -99,24 +99,17 @@ def preprocess_image(image: Path, plans: dict, mask: Path | None = None,
 
 
 # --------------------------------------------------------------------------------------------- cache
+#: Foreground voxels kept per labeled volume for oversampling (nnU-Net keeps about 10k per class).
+MAX_FOREGROUND_SAMPLES = 10_000
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def foreground_locations(seg: np.ndarray, max_samples: int = MAX_FOREGROUND_SAMPLES,
+                         seed: int = 1234) -> np.ndarray:
+    """(k, 3) voxel coordinates (z, y, x) of foreground (seg > 0), subsampled like nnU-Net's class_locations."""
+    coords = np.argwhere(np.asarray(seg[0]) > 0)
+    if len(coords) > max_samples:
+        coords = coords[np.random.default_rng(seed).choice(len(coords), max_samples, replace=False)]
+    return coords
 
 
 @dataclass(frozen=True)
@@ -126,39 +119,53 @@ class PreprocessedVolume:
     data_file: Path
     seg_file: Path | None
     properties_file: Path
+    foreground_file: Path | None = None  # (k, 3) int64 foreground voxels of `seg` (labeled volumes)
 
     def load(self, mmap: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict]:
         """(data (1,z,y,x) float32, seg (1,z,y,x) int8 or None, properties). Read-only memmaps if mmap."""
         mode = "r" if mmap else None
         data = np.load(self.data_file, mmap_mode=mode, allow_pickle=False)
         seg = np.load(self.seg_file, mmap_mode=mode, allow_pickle=False) if self.seg_file is not None else None
-        entry = json.loads(Path(self.properties_file).read_text())
-        return data, seg, entry["properties"]
+        return data, seg, self.properties()
+
+    def properties(self) -> dict:
+        """What `preprocess_image` returned as properties: enough to put a prediction back on the raw grid."""
+        return json.loads(Path(self.properties_file).read_text())["properties"]
+
+    def foreground(self) -> np.ndarray | None:
+        """The stored foreground locations; None for an unlabeled volume or an entry without them."""
+        if self.foreground_file is None or not self.foreground_file.is_file():
+            return None
+        return np.load(self.foreground_file, allow_pickle=False)
 
 
 class PreprocessingCache:
     """Preprocessed volumes under `<root>/<plans_hash[:16]>/`, recomputed only when inputs change.
 
-    Entries are validated by the SHA-256 of the image (and mask) file and of the plans, stored in
-    `<phase>.json`, which is written last: an entry without a matching JSON is never used, so a
-    crash mid-way leaves at worst an orphan `.npy` that the next call overwrites.
+    Each entry's `<phase>.json` (written last: an entry without a matching JSON is never used, so a
+    crash mid-way leaves at worst an orphan `.npy` that the next call overwrites) records the plans'
+    hash and each input file's SHA-256, size and modification time. An input whose size and mtime
+    are unchanged is trusted without being read; one whose stamp changed is hashed, and only a
+    changed content is preprocessed again (a `touch` costs one hash, not a preprocessing).
     """
 
-    def __init__(self, root: Path, plans: dict):
+    def __init__(self, root: Path, plans: dict, *, trust_stamps: bool = True):
         self.root = Path(root)
+        self.trust_stamps = trust_stamps  # False: hash every input each time (no prepared dataset)
         self.plans = plans
         self.plans_sha256 = plans_hash(plans)
         self.folder = self.root / self.plans_sha256[:16]
         self.computed = 0  # volumes actually preprocessed by this object (not served from disk)
+        self.hashed = 0    # input files this object read to hash them
 
-    def _paths(self, case_id: str, phase: str) -> tuple[Path, Path, Path]:
+    def _paths(self, case_id: str, phase: str) -> tuple[Path, Path, Path, Path]:
         for name in (case_id, phase):  # they become path components: no separators, no "..", no hidden names
             if not name or name.startswith(".") or "/" in name or "\\" in name:
                 raise ValueError(f"{name!r} cannot name a cache entry")
         folder = self.folder / case_id
-        return folder / f"{phase}.npy", folder / f"{phase}_seg.npy", folder / f"{phase}.json"
+        return folder / f"{phase}.npy", folder / f"{phase}_seg.npy", folder / f"{phase}_fg.npy", folder / f"{phase}.json"
 
-    def get(self, case: "Case", phase: str, with_mask: bool) -> PreprocessedVolume:
+    def get(self, case: Case, phase: str, with_mask: bool) -> PreprocessedVolume:
         """The cached volume of `case`'s `phase`, preprocessing it first when missing or stale.
 
         Raises KeyError when the case lacks that phase (or its mask with `with_mask`), and the
@@ -170,50 +177,69 @@ class PreprocessingCache:
             raise KeyError(f"{case.case_id}: no {phase} mask")
         image = Path(case.images[phase])
         mask = Path(case.masks[phase]) if with_mask else None
-        data_file, seg_file, json_file = self._paths(case.case_id, phase)
-        volume = PreprocessedVolume(case.case_id, phase, data_file, seg_file if with_mask else None, json_file)
-        inputs = {
-            "format": CACHE_FORMAT,
-            "plans_sha256": self.plans_sha256,
-            "image_sha256": sha256_file(image),
-            "mask_sha256": sha256_file(mask) if mask is not None else None,
-            "foreground_labels": [int(v) for v in case.foreground_labels],
-        }
-        if self._is_fresh(volume, inputs):
-            return volume
+        data_file, seg_file, fg_file, json_file = self._paths(case.case_id, phase)
+        volume = PreprocessedVolume(case.case_id, phase, data_file, seg_file if with_mask else None, json_file,
+                                    fg_file if with_mask else None)
+        settings = {"format": CACHE_FORMAT, "plans_sha256": self.plans_sha256,
+                    "foreground_labels": [int(v) for v in case.foreground_labels]}
+        stamps = {"image_stamp": _stamp(image), "mask_stamp": _stamp(mask) if mask is not None else None}
+        entry = self._entry(volume)
+        if entry is not None and all(entry.get(k) == v for k, v in settings.items()):
+            if self.trust_stamps and all(entry.get(k) == v for k, v in stamps.items()):
+                return volume  # inputs unchanged since they were preprocessed: nothing read
+            hashes = self._hashes(image, mask)
+            if all(entry.get(k) == v for k, v in hashes.items()):  # touched, same content
+                if entry.get("image_stamp") == stamps["image_stamp"] and entry.get("mask_stamp") == stamps["mask_stamp"]:
+                    return volume
+                atomic_write_text(json_file, json.dumps({**entry, **stamps}, indent=1, sort_keys=True))
+                return volume
+        else:
+            hashes = self._hashes(image, mask)
         data, seg, props = preprocess_image(image, self.plans, mask, case.foreground_labels)
         data_file.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save_npy(data_file, data)
+        atomic_save_npy(data_file, data)
+        for stale in (seg_file, fg_file):  # a maskless entry keeps no labels of an earlier one
+            stale.unlink(missing_ok=True)
         if seg is not None:
-            _atomic_save_npy(seg_file, seg)
-        elif seg_file.exists():
-            seg_file.unlink()  # a stale label file must not outlive a maskless entry
-        entry = dict(inputs, case_id=case.case_id, phase=phase, image=image.name,
+            atomic_save_npy(seg_file, seg)
+            atomic_save_npy(fg_file, foreground_locations(seg))
+        entry = dict(settings, **hashes, **stamps, case_id=case.case_id, phase=phase, image=image.name,
                      mask=mask.name if mask is not None else None, properties=props)
-        _atomic_write_text(json_file, json.dumps(entry, indent=1, sort_keys=True))
+        atomic_write_text(json_file, json.dumps(entry, indent=1, sort_keys=True))
         self.computed += 1
         return volume
 
+    def _hashes(self, image: Path, mask: Path | None) -> dict:
+        self.hashed += 1 + (mask is not None)
+        return {"image_sha256": sha256_file(image), "mask_sha256": sha256_file(mask) if mask is not None else None}
+
     @staticmethod
-    def _is_fresh(volume: PreprocessedVolume, inputs: dict) -> bool:
+    def _entry(volume: PreprocessedVolume) -> dict | None:
+        """The entry's JSON when its arrays are all there; None otherwise."""
         try:
             entry = json.loads(volume.properties_file.read_text())
         except (OSError, ValueError):
-            return False
-        if any(entry.get(k) != v for k, v in inputs.items()):
-            return False
-        return volume.data_file.is_file() and (volume.seg_file is None or volume.seg_file.is_file())
+            return None
+        files = [volume.data_file, volume.seg_file, volume.foreground_file]
+        return entry if isinstance(entry, dict) and all(f is None or f.is_file() for f in files) else None
 
 
-def preprocess_case_phases(cache: PreprocessingCache, cases: Sequence["Case"], phases: Sequence[str],
-                           with_masks: bool) -> tuple[list[PreprocessedVolume], list["Problem"]]:
+def _stamp(path: Path) -> list[int] | None:
+    """[size, mtime_ns] of a file, None when it cannot be stat'ed."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def preprocess_case_phases(cache: PreprocessingCache, cases: Sequence[Case], phases: Sequence[str],
+                           with_masks: bool) -> tuple[list[PreprocessedVolume], list[Problem]]:
     """Preprocess every listed phase each case has; a bad file becomes a Problem, the rest goes on.
 
     With `with_masks`, only phases that have a mask are taken (labeled volumes); without, images
     are preprocessed without their masks (unlabeled use).
     """
-    from common.discovery import Problem
-
     volumes: list[PreprocessedVolume] = []
     problems: list[Problem] = []
     for case in cases:
@@ -225,13 +251,9 @@ def preprocess_case_phases(cache: PreprocessingCache, cases: Sequence["Case"], p
             except Exception as e:  # one unreadable or inconsistent file must not stop the site
                 bad = case.masks[phase] if with_masks and isinstance(e, ValueError) and "mask" in str(e) \
                     else case.images[phase]
-                problems.append(Problem(Path(bad), f"preprocessing failed: {_one_line(e)}"))
+                problems.append(Problem(Path(bad), f"preprocessing failed: {one_line(e)}"))
     return volumes, problems
 
 
-def _one_line(e: Exception) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) < 300 else text[:297] + "..."
-
-
-__all__ = ["preprocess_image", "PreprocessedVolume", "PreprocessingCache", "preprocess_case_phases", "sha256_file"]
+__all__ = ["preprocess_image", "PreprocessedVolume", "PreprocessingCache", "preprocess_case_phases", "sha256_file",
+           "foreground_locations", "MAX_FOREGROUND_SAMPLES"]

@@ -22,6 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.atomic_write import atomic_path
+from common.model_dir import load_model_dir
+from common.names import BRANCHES
+
 HEAD_PREFIX = "seg_outputs."
 # The convs that see the input channels: repeated when the net has more input channels.
 INPUT_CONVS = ("conv_blocks_context.0.0.conv1.weight", "conv_blocks_context.0.0.conv3.weight")
@@ -111,12 +115,9 @@ def _adapt_input_conv(source: torch.Tensor, target_shape: torch.Size) -> torch.T
     return source.repeat(1, factor, 1, 1, 1) / factor
 
 
-PAIR_BRANCHES = ("a", "b")
-
-
 def branch_of_pair(state: dict[str, torch.Tensor], branch: str, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
     """One branch of a pair checkpoint (every key `a.*` or `b.*`); any other state dict unchanged."""
-    if not all(k.split(".", 1)[0] in PAIR_BRANCHES for k in state):
+    if not all(k.split(".", 1)[0] in BRANCHES for k in state):
         return state
     prefix = f"{branch}."
     chosen = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -125,7 +126,7 @@ def branch_of_pair(state: dict[str, torch.Tensor], branch: str, path: str | Path
     return chosen
 
 
-def load_pretrained(net: nn.Module, path: str | Path, *, strict_body: bool = True, branch: str = "a",
+def load_pretrained(net: nn.Module, path: str | Path, *, strict_body: bool = True, branch: str = BRANCHES[0],
                     heads: bool = False) -> LoadReport:
     """Copy a checkpoint's body into `net` in place; the heads (`seg_outputs.*`) are skipped unless
     `heads` and the checkpoint has them in the net's shapes. Of a pair checkpoint, `branch` is read.
@@ -172,13 +173,14 @@ def load_pretrained(net: nn.Module, path: str | Path, *, strict_body: bool = Tru
 
 def save_safetensors(net_or_state_dict: nn.Module | dict[str, torch.Tensor], path: str | Path,
                      metadata: dict[str, str] | None = None) -> None:
-    """Write a net's (or a state dict's) tensors as safetensors (contiguous CPU copies)."""
+    """Write a net's (or a state dict's) tensors as safetensors (contiguous CPU copies), crash-safe."""
     from safetensors.torch import save_file
     state = net_or_state_dict.state_dict() if isinstance(net_or_state_dict, nn.Module) else net_or_state_dict
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    with atomic_path(Path(path)) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
 
 
-def load_initial_weights(net: nn.Module, path: str | Path, branch: str = "a") -> str:
+def load_initial_weights(net: nn.Module, path: str | Path, branch: str = BRANCHES[0]) -> str:
     """The initial weights of CPS branch `branch`; returns a one-line summary.
 
     A pair checkpoint file (`a.*`/`b.*`, heads included) gives the branch its own pretrained net,
@@ -188,15 +190,14 @@ def load_initial_weights(net: nn.Module, path: str | Path, branch: str = "a") ->
     path = Path(path)
     if not path.is_dir():
         return load_pretrained(net, path, branch=branch, heads=True).summary()
-    from common.model_dir import load_model_dir  # imported here: model_dir builds nets from this module
-
     bundle = load_model_dir(path)
-    if "a" not in bundle.branches:
-        raise ValueError(f"{path}: MODEL_DIR has no branch 'a'")
-    body = {k: v for k, v in bundle.branches["a"].items() if not k.startswith(HEAD_PREFIX)}
+    first = BRANCHES[0]
+    if first not in bundle.branches:
+        raise ValueError(f"{path}: MODEL_DIR has no branch {first!r}")
+    body = {k: v for k, v in bundle.branches[first].items() if not k.startswith(HEAD_PREFIX)}
     result = net.load_state_dict(body, strict=False)  # shape mismatches raise here
     missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIX)]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{path}: MODEL_DIR branch 'a' does not fit this STU-Net "
+        raise ValueError(f"{path}: MODEL_DIR branch {first!r} does not fit this STU-Net "
                          f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
-    return f"{path}: loaded {len(body)} body tensors of branch 'a'"
+    return f"{path}: loaded {len(body)} body tensors of branch {first!r}"

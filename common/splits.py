@@ -22,7 +22,8 @@ import json
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
-from common.validation import Problem
+from common.atomic_write import atomic_write_json
+from common.problems import Problem
 
 SPLIT_FILE = "splits.json"
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
@@ -74,7 +75,7 @@ def read_splits(path: Path, case_ids: Collection[str]) -> tuple[dict[str, str], 
 def write_splits(folder: Path, *, validation: Collection[str] = (), test: Collection[str] = ()) -> Path:
     """Write `folder/splits.json` holding out these cases."""
     path = Path(folder) / SPLIT_FILE
-    path.write_text(json.dumps({VALIDATION: list(validation), TEST: list(test)}, indent=1) + "\n")
+    atomic_write_json(path, {VALIDATION: list(validation), TEST: list(test)}, indent=1)
     return path
 
 

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common.names import CONFIGURATION
+
 # size -> (base width, residual blocks per stage); channels per stage = base * STAGE_MULTIPLIERS.
 STUNET_SIZES: dict[str, tuple[int, int]] = {
     "T": (8, 1),  # CPU demo width (not published)
@@ -216,9 +218,9 @@ def stunet_architecture_block(size: str = "T", base_width: int | None = None,
 def build_stunet_from_plans(plans: dict, num_classes: int = 2, deep_supervision: bool = True) -> STUNet:
     """STU-Net from `plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]`."""
     try:
-        kwargs = dict(plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"])
+        kwargs = dict(plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"])
     except (KeyError, TypeError) as e:
-        raise ValueError(f"plans have no configurations.3d_fullres.architecture.arch_kwargs ({e})") from None
+        raise ValueError(f"plans have no configurations.{CONFIGURATION}.architecture.arch_kwargs ({e})") from None
     missing = [k for k in ("features_per_stage", "blocks_per_stage", "strides") if k not in kwargs]
     if missing:
         raise ValueError(f"plans arch_kwargs lack {missing}")

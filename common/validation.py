@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable, Protocol
 
+from common.cases import Case
 from common.nifti import (
     Geometry,
     ImageReadError,
@@ -27,28 +28,7 @@ from common.nifti import (
     read_info,
     voxel_stats,
 )
-
-if TYPE_CHECKING:  # discovery imports this module; the import is for type hints only
-    from common.discovery import Case
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A problem with one input file (re-exported as `common.discovery.Problem`)."""
-
-    path: Path
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-class ValidationError(ValueError):
-    """Raised by the `validate_*` functions; `str()` is the one line `path: message`."""
-
-    def __init__(self, path: Path | str, message: str):
-        self.problem = Problem(Path(path), message)
-        super().__init__(str(self.problem))
+from common.problems import Problem, ValidationError
 
 
 @dataclass(frozen=True)
@@ -201,6 +181,28 @@ def validate_mask(
         raise ValidationError(problems[0].path, problems[0].message)
 
 
+class FileInspector(Protocol):
+    """Where `validate_case` gets each file's check: read now (`READ_EVERY_FILE`) or, at a site
+    with a prepared dataset, from the findings stored for an unchanged file (common/file_checks.py)."""
+
+    def image(self, path: Path, config: ValidationConfig) -> FileCheck: ...
+
+    def mask(self, path: Path, allowed_labels: Iterable[int], config: ValidationConfig) -> FileCheck: ...
+
+
+class ReadEveryFile:
+    """Reads and checks every file each time it is asked."""
+
+    def image(self, path: Path, config: ValidationConfig) -> FileCheck:
+        return inspect_image(path, config)
+
+    def mask(self, path: Path, allowed_labels: Iterable[int], config: ValidationConfig) -> FileCheck:
+        return inspect_mask(path, allowed_labels, config)
+
+
+READ_EVERY_FILE = ReadEveryFile()
+
+
 def _case_path(case: Case) -> Path:
     """The case folder in the LiQA layout; the first file otherwise (nnU-Net has no folder)."""
     files = [*case.images.values(), *case.masks.values()]
@@ -215,10 +217,12 @@ def validate_case(
     config: ValidationConfig = ValidationConfig(),
     *,
     allowed_labels: Iterable[int] | None = None,
+    inspector: FileInspector = READ_EVERY_FILE,
 ) -> tuple[Case | None, list[Problem]]:
     """Check every file of `case`; return the case with only its valid files (None if none is).
 
-    `allowed_labels` are the mask values that may occur (default `{0} | case.foreground_labels`).
+    `allowed_labels` are the mask values that may occur (default `{0} | case.foreground_labels`);
+    `inspector` checks each file (every file read, unless it serves stored findings).
     """
     allowed = {0, *case.foreground_labels, *(allowed_labels or ())}
     images: dict[str, Path] = {}
@@ -226,7 +230,7 @@ def validate_case(
     problems: list[Problem] = []
     mask_checks: dict[Path, FileCheck] = {}  # an nnU-Net label file serves every channel
     for phase, image_path in case.images.items():
-        image = inspect_image(image_path, config)
+        image = inspector.image(Path(image_path), config)
         mask_path = case.masks.get(phase)
         if not image.ok:
             what = f"phase {phase} skipped" + (", with its mask" if mask_path else "")
@@ -236,7 +240,7 @@ def validate_case(
         if mask_path is None:
             continue
         if mask_path not in mask_checks:
-            mask_checks[mask_path] = inspect_mask(mask_path, allowed, config)
+            mask_checks[mask_path] = inspector.mask(Path(mask_path), sorted(allowed), config)
         mask = mask_checks[mask_path]
         messages = list(mask.problems)
         if not messages and mask.geometry is not None and image.geometry is not None:

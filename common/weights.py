@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from common.names import BRANCHES  # noqa: F401  (re-exported; declared in common.names)
+
 Branches = dict[str, dict[str, torch.Tensor]]
 NumpyBranches = dict[str, dict[str, np.ndarray]]
-
-BRANCHES: tuple[str, ...] = ("a", "b")
 
 
 def flatten(branches: Mapping[str, Mapping[str, torch.Tensor | np.ndarray]]) -> dict[str, np.ndarray]:

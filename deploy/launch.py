@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.atomic_write import atomic_write_text
 from deploy.certs import CertLayout
 from deploy.process import ManagedProcess, ProcessError
 
@@ -285,9 +286,9 @@ def write_connection_config(flwr_home: Path, address: str, root_certificates: Pa
         links = data.setdefault("superlink", {})
         links[name] = {"address": address, "root-certificates": str(root_certificates)}
         links.setdefault("default", name)
-        path.write_text(tomli_w.dumps(data))
+        atomic_write_text(path, tomli_w.dumps(data))
     else:
-        path.write_text(connection_toml(address, root_certificates, name))
+        atomic_write_text(path, connection_toml(address, root_certificates, name))
     return path
 
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.atomic_write import atomic_write_json
 from deploy.launch import (
     CONNECTION_NAME, QUIET_ENV, Command, LaunchError, Registration, _json_from, flower_executable, list_nodes,
     run_command,
@@ -46,9 +46,7 @@ def _read_json(path: Path) -> dict:
 
 def _write_json(path: Path, data: Mapping) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    atomic_write_json(path, data, indent=1, sort_keys=True)
 
 
 def key_fingerprint(public_key: Path) -> str:

@@ -16,7 +16,6 @@ so a crash mid-round resumes from the round before with the same numbering.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from common.atomic_write import atomic_directory, atomic_path, atomic_write_json
 from common.model_dir import load_model_dir, save_model_dir
 from common.planning import plans_hash, read_plans, write_plans
 from common.weights import flatten, to_torch, unflatten
@@ -66,9 +66,7 @@ class RunFolder:
         return ServerState(**json.loads(self.state_file.read_text()))
 
     def save_state(self, state: ServerState) -> None:
-        temporary = self.state_file.with_suffix(".tmp")
-        temporary.write_text(json.dumps(asdict(state), indent=1))
-        os.replace(temporary, self.state_file)
+        atomic_write_json(self.state_file, asdict(state), indent=1)
 
     # models --------------------------------------------------------------------------------
     def round_dir(self, server_round: int) -> Path:
@@ -90,11 +88,8 @@ class RunFolder:
         return flatten(bundle.branches)
 
     def promote_best(self, server_round: int) -> None:
-        temporary = self.checkpoints / ".best.tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
-        shutil.copytree(self.round_dir(server_round), temporary)
-        shutil.rmtree(self.best_dir, ignore_errors=True)
-        os.replace(temporary, self.best_dir)
+        with atomic_directory(self.best_dir) as temporary:  # the previous best stays until the copy is whole
+            shutil.copytree(self.round_dir(server_round), temporary, dirs_exist_ok=True)
 
     def prune(self, keep: set[int]) -> None:
         """Drop round checkpoints not in `keep` (the best one lives on in `best/`)."""
@@ -110,10 +105,9 @@ class RunFolder:
     def save_strategy_state(self, arrays: dict[str, np.ndarray], info: dict) -> None:
         """The strategy's buffers as tensors, its name and the DP accountant's ledger as JSON metadata."""
         self.root.mkdir(parents=True, exist_ok=True)
-        temporary = self.strategy_state_file.with_suffix(".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(temporary),
-                  metadata={"info": json.dumps(info)})
-        os.replace(temporary, self.strategy_state_file)
+        with atomic_path(self.strategy_state_file) as temporary:
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(temporary),
+                      metadata={"info": json.dumps(info)})
 
     def load_strategy_state(self) -> tuple[dict[str, np.ndarray], dict]:
         if self.strategy_state_file.is_file():

@@ -26,9 +26,10 @@ from flwr.serverapp import Grid
 
 from common.federation_config import FederationConfig, resolve_init_weights
 from common.hashing import sha256_file
-from common.fingerprint import FingerprintConfig, SiteFingerprint, merge_fingerprints
+from common.fingerprint import FingerprintConfig, SiteFingerprint
 from common.model_dir import read_manifest
-from common.planning import PlanningConfig, plan_from_fingerprint, plans_hash
+from common.names import BRANCHES, CONFIGURATION
+from common.planning import PlanningConfig, plan_from_fingerprints, plans_hash
 from common.pretrained import load_initial_weights
 from common.stunet import build_stunet_from_plans
 from common.weights import flatten, record_nbytes, to_arrayrecord
@@ -57,6 +58,44 @@ PROTOCOL_KEYS = {
     "evaluate-test": "evaluate messages: training sites score their test split this time",
     "clipping_norm": "Flower's client-side DP wrapper: the norm the site clips its update to",
 }
+
+
+def round_config(c: FederationConfig, server_round: int, plans_json: str, digest: str, *,
+                 cps_enabled: bool = True) -> ConfigRecord:
+    """The config of a round's train and evaluate messages: the run-config keys the sites read,
+    under their schema names and with their values (a site derives its iteration numbers, CPS
+    ramp-up and seed of the round from them), plus the PROTOCOL_KEYS."""
+    return ConfigRecord(
+        {
+            "server-round": server_round,
+            "plans-json": plans_json,
+            "plans-sha256": digest,
+            "cps-enabled": cps_enabled,
+            "num-server-rounds": c.num_rounds,
+            "local-iterations": c.local_iterations,
+            "mode": c.mode,
+            "batch-size": c.batch_size,
+            "unlabeled-batch-size": c.unlabeled_batch_size,
+            "learning-rate": c.learning_rate,
+            "cps-lambda-max": c.cps_lambda_max,
+            "cps-rampup-rounds": c.cps_rampup_rounds,
+            "cps-confidence": c.cps_confidence,
+            "balance-phases": c.balance_phases,
+            "propagate-labels": c.propagate_labels,
+            "mirror-axes": ",".join(str(a) for a in c.mirror_axes),
+            **c.label_transfer.to_dict_hyphenated(),
+            "proximal-mu": c.proximal_mu,
+            "local-norm": c.local_norm,
+            "local-momentum": c.local_momentum,
+            "fp16-transport": c.fp16_transport,
+            "seed": c.seed,
+            "evaluate-step": c.evaluate_step,
+            "evaluate-phases": ",".join(c.evaluate_phases or ("*",)),  # phases whose test cases are scored
+            "postprocessing": c.postprocessing.method,
+            "postprocessing-phases": c.postprocessing.to_info()["phases"],
+            "agreement-volumes": c.agreement_volumes,
+        }
+    )
 
 
 class Federation:
@@ -141,15 +180,14 @@ class Federation:
             SiteFingerprint.from_arrays({k: a.numpy() for k, a in reply.content["fingerprint"].items()})
             for reply in replies.values()
         ]
-        merged = merge_fingerprints(fingerprints)
         # nnU-Net's planner opens a multiprocessing Pool. Forked from this process, whose Flower
         # threads may hold a lock at that moment, a worker can block forever and the run hangs at
         # round 0 (seen on loopback): workers come from a clean fork server while planning.
         start_method = multiprocessing.get_start_method(allow_none=True)
         multiprocessing.set_start_method("forkserver", force=True)
         try:
-            plans = plan_from_fingerprint(
-                merged,
+            plans, _ = plan_from_fingerprints(  # merged exactly, as `fedliver train` merges its centers
+                fingerprints,
                 PlanningConfig(
                     size=self.config.net_size, base_width=self.config.base_width, patch_size=self.config.patch_size,
                     batch_size=self.config.batch_size,
@@ -158,7 +196,7 @@ class Federation:
         finally:
             multiprocessing.set_start_method(start_method, force=True)
         digest = self.run.save_plans(plans)
-        configuration = plans["configurations"]["3d_fullres"]
+        configuration = plans["configurations"][CONFIGURATION]
         self.log(
             f"round 0: plans from {len(fingerprints)} site fingerprints, spacing {configuration['spacing']}, "
             f"patch {configuration['patch_size']}, sha256 {digest[:12]}"
@@ -168,7 +206,7 @@ class Federation:
     def initial_model(self, plans: dict) -> dict[str, np.ndarray]:
         """Two STU-Nets with different seeds (heads always differ), optionally from pretrained weights."""
         branches = {}
-        for offset, name in enumerate(("a", "b")):
+        for offset, name in enumerate(BRANCHES):
             torch.manual_seed(self.config.seed + offset)
             net = build_stunet_from_plans(plans)
             if self.init_path is not None:
@@ -188,41 +226,7 @@ class Federation:
         return False
 
     def round_config(self, server_round: int, plans_json: str, digest: str, *, cps_enabled: bool = True) -> ConfigRecord:
-        """The config of a round's train and evaluate messages: the run-config keys the sites read,
-        under their schema names and with their values (a site derives its iteration numbers, CPS
-        ramp-up and seed of the round from them), plus the PROTOCOL_KEYS."""
-        c = self.config
-        return ConfigRecord(
-            {
-                "server-round": server_round,
-                "plans-json": plans_json,
-                "plans-sha256": digest,
-                "cps-enabled": cps_enabled,
-                "num-server-rounds": c.num_rounds,
-                "local-iterations": c.local_iterations,
-                "mode": c.mode,
-                "batch-size": c.batch_size,
-                "unlabeled-batch-size": c.unlabeled_batch_size,
-                "learning-rate": c.learning_rate,
-                "cps-lambda-max": c.cps_lambda_max,
-                "cps-rampup-rounds": c.cps_rampup_rounds,
-                "cps-confidence": c.cps_confidence,
-                "balance-phases": c.balance_phases,
-                "propagate-labels": c.propagate_labels,
-                "mirror-axes": ",".join(str(a) for a in c.mirror_axes),
-                **c.label_transfer.to_dict_hyphenated(),
-                "proximal-mu": c.proximal_mu,
-                "local-norm": c.local_norm,
-                "local-momentum": c.local_momentum,
-                "fp16-transport": c.fp16_transport,
-                "seed": c.seed,
-                "evaluate-step": c.evaluate_step,
-                "evaluate-phases": ",".join(c.evaluate_phases or ("*",)),  # phases whose test cases are scored
-                "postprocessing": c.postprocessing.method,
-                "postprocessing-phases": c.postprocessing.to_info()["phases"],
-                "agreement-volumes": c.agreement_volumes,
-            }
-        )
+        return round_config(self.config, server_round, plans_json, digest, cps_enabled=cps_enabled)
 
     def connected_training_nodes(self, server_round: int, poll: float = 1.0) -> dict[int, str]:
         """The training nodes connected now. Those that are not get up to REJOIN_WAIT_S seconds

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from flwr.app import Message, RecordDict
@@ -112,13 +112,52 @@ class _Identify:
 UNIDENTIFIED = "unidentified"
 
 
+class CannotStart(RuntimeError):
+    """A run that can never start as configured; `str()` is one line saying why and what to do."""
+
+
+def run_hint(num_sites: int) -> str:
+    """How to run the app, for someone who typed `flwr run .` (the README's commands)."""
+    return (f"to run: `make demo` (phantoms and a federation), or flwr run . --federation-config "
+            f"\"num-supernodes={num_sites}\" --run-config \"data-root='/abs/phantoms'\"")
+
+
+def simulation_cannot_start(replies: Mapping[int, Message], expected_sites: Sequence[str]) -> str | None:
+    """Why this simulation can never start, judged from the identify replies so far; None if it may.
+
+    Only simulation nodes are judged (their reply carries a `simulation` record: Flower's
+    `num-partitions`): a simulation's nodes share one run config and one data root, so fewer nodes
+    than run config `sites` names, or a named site without usable data (an empty `data-root`, a
+    missing Vendor_<X> folder), never resolves. A deployed node without usable data sits out and
+    the run goes on without it (it is never judged here)."""
+    simulated = {n: r for n, r in replies.items() if "simulation" in r.content}
+    if not simulated:
+        return None
+    problems: list[str] = []
+    nodes = min(int(r.content["simulation"]["num-partitions"]) for r in simulated.values())
+    if nodes < len(expected_sites):
+        problems.append(f"the simulation has {nodes} nodes and run config 'sites' names {len(expected_sites)} "
+                        f"({', '.join(expected_sites)})")
+    refused: dict[str, list[str]] = {}  # the node's reason -> its sites (an empty data-root: all of them)
+    for reply in simulated.values():
+        identity = reply.content["identity"]
+        if "error" in identity and str(identity["site"]) in expected_sites:  # not an extra partition
+            refused.setdefault(str(identity["error"]), []).append(str(identity["site"]))
+    for reason, sites in refused.items():
+        named = ", ".join(sorted(sites, key=list(expected_sites).index))
+        problems.append(f"site{'s' if len(sites) > 1 else ''} {named}: {reason}")
+    return f"{'; '.join(problems)}; {run_hint(len(expected_sites))}" if problems else None
+
+
 def identify_while_waiting(
     grid: Grid, expected_sites: list[str], count: int, timeout: float, reply_timeout: float,
     log: Callable[[str], None], *, report_every: float = 30.0, poll: float = 1.0,
 ) -> tuple[dict[int, Message], list[Failure]]:
     """Ask every node who it is as soon as it connects, until the expected sites (or, without
     names, `count` nodes) have answered or `timeout` runs out. A missing site is logged by name as
-    soon as everyone connected has answered, then every `report_every` seconds."""
+    soon as everyone connected has answered, then every `report_every` seconds. A simulation that
+    can never start (`simulation_cannot_start`) raises CannotStart at its first telling reply,
+    after one line "cannot start: ..." in `log`."""
     identify = _Identify(grid)
     started = time.monotonic()
     deadline, next_report, last_said = started + timeout, started + report_every, None
@@ -127,6 +166,9 @@ def identify_while_waiting(
         node_ids = sorted(grid.get_node_ids())
         identify.ask(node_ids, reply_timeout)
         identify.collect()
+        if reason := simulation_cannot_start(identify.replies, expected_sites):
+            log(f"cannot start: {reason}")
+            raise CannotStart(reason)
         missing = [s for s in expected_sites if s not in identify.sites()]
         answered = len(identify.replies) + len(identify.failures)
         done = not missing if expected_sites else len(identify.replies) >= count

@@ -25,11 +25,10 @@ process's peak and current RSS.
 from __future__ import annotations
 
 import csv
-import json
-import os
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
+from common.atomic_write import atomic_open, atomic_write_json
 from common.phases import LABELED_PHASE, PHASES
 from common.scores import VALIDATION_PREFIX, PhaseSummary, from_metrics, pool
 
@@ -104,9 +103,7 @@ def build_report(
 
 def write_report(run_dir: Path, report: Mapping) -> Path:
     path = Path(run_dir) / "report.json"
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(report, indent=1))
-    os.replace(temporary, path)
+    atomic_write_json(path, report, indent=1)
     write_csv(Path(run_dir) / "metrics.csv", report["rounds"])
     return path
 
@@ -115,7 +112,7 @@ def write_csv(path: Path, history: Sequence[Mapping]) -> None:
     """One row per (round, site, kind, phase, metric). Kinds: "test" (each centre, and the training
     sites' test splits pooled as site "pooled"), "validation" (each training site, and pooled),
     "training" (the sites' training metrics). Metrics of scores: dice, dice_sd, hd95, hd95_sd, cases."""
-    with path.open("w", newline="") as stream:
+    with atomic_open(path, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["round", "site", "kind", "phase", "metric", "value"])
 

@@ -7,6 +7,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.federation_config import FederationConfig
 from server.federation import Federation
+from server.messaging import CannotStart
 
 app = ServerApp()
 
@@ -31,4 +32,7 @@ def main(grid: Grid, context: Context) -> None:
     config = read_config(dict(context.run_config))
     config.run_dir.mkdir(parents=True, exist_ok=True)
     _log(f"run folder {config.run_dir}; {config.num_rounds} rounds of {config.local_iterations} local iterations")
-    Federation(grid, config, log=_log).run_all()
+    try:
+        Federation(grid, config, log=_log).run_all()
+    except CannotStart as error:  # said in one line ("cannot start: ..."); fail without the waiting code's frames
+        raise CannotStart(str(error)) from None

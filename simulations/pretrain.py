@@ -7,9 +7,10 @@
     python -m simulations.pretrain --sequences T1CE --label-transfer --cases 32 --iterations 2000 \
         --out simulations/pretrained/stunet_T4_atlas_lt.safetensors    # with the label-transfer augmentations
 
-Generates the public set (`fedliver atlas --sequences`: ATLAS-like contrast-enhanced T1, and by
-default also the non-contrast sequences public abdominal MRI collections label: T1, T2, DWI), runs
-`fedliver train --pretrain` (supervised, liver = labels 1 and 2), optionally with the label-transfer
+Generates the public set (what `fedliver atlas --sequences` writes: ATLAS-like contrast-enhanced T1,
+and by default also the non-contrast sequences public abdominal MRI collections label: T1, T2, DWI),
+trains as `fedliver train --pretrain` does (`client.local_training.train_locally`: supervised, liver
+= labels 1 and 2), optionally with the label-transfer
 augmentations (`client/label_transfer.py`), and exports both nets (branches a and b from different
 seeds, heads included: a pair file, `common.pretrained`) as safetensors with a provenance JSON
 beside it. No hepatobiliary (GED4) image is in it: those only the sites have. Real sites with GPUs
@@ -23,12 +24,13 @@ import json
 import tempfile
 from pathlib import Path
 
+from client.local_training import LocalTrainingConfig, train_locally
 from common.federation_config import SHIPPED_PRETRAINING
 from common.hashing import sha256_file
 from common.label_transfer_config import LabelTransferConfig
 from common.model_dir import load_model_dir
 from common.pretrained import save_safetensors
-from fedliver.cli import main as fedliver
+from simulations.phantoms import generate_atlas_tree
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / SHIPPED_PRETRAINING  # what the demo, `fedliver train` and init-weights "auto" start from
@@ -39,17 +41,14 @@ PRETRAIN_LABEL_TRANSFER = LabelTransferConfig(location_scale=0.5, non_contrast=0
 def pretrain(out: Path, *, cases: int, iterations: int, base_width: int, seed: int, work: Path,
              label_transfer: LabelTransferConfig = LabelTransferConfig(), sequences: str = "T1CE") -> dict:
     atlas, model = work / "atlas", work / "model"
-    if fedliver(["atlas", str(atlas), "--cases", str(cases), "--seed", str(seed), "--sequences", sequences]) != 0:
-        raise RuntimeError("fedliver atlas failed")
-    train_args = [
-        "train", "--data", str(atlas), "--pretrain", "--out", str(model), "--iterations", str(iterations),
-        "--size", "T", "--base-width", str(base_width), "--seed", str(seed), "--agreement-volumes", "0",
-        "--log-every", "50", "--mirror-axes", "0,1,2",  # nnU-Net's mirroring: how the shipped weights were made
-    ]
-    for name, p in label_transfer.to_dict().items():
-        train_args += [f"--{name.replace('_', '-')}", str(p)]
-    if fedliver(train_args) != 0:
-        raise RuntimeError("fedliver train --pretrain failed")
+    generate_atlas_tree(atlas, cases, seed, sequences=[q.strip() for q in sequences.split(",") if q.strip()])
+    config = LocalTrainingConfig(
+        data=atlas, out=model, pretrain=True, iterations=iterations, size="T", base_width=base_width, seed=seed,
+        agreement_volumes=0, log_every=50, label_transfer=label_transfer,
+        mirror_axes=(0, 1, 2),  # nnU-Net's mirroring: how the shipped weights were made
+    )
+    if train_locally(config) != 0:
+        raise RuntimeError("pretraining (fedliver train --pretrain) failed")
     # Both pretrained nets, heads included (`a.*`, `b.*`): each CPS branch starts from its own.
     pair = {f"{b}.{k}": v for b, state in load_model_dir(model).branches.items() for k, v in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -364,17 +364,22 @@ def test_predict_image_unreadable_file(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- CLI
-@pytest.fixture
-def model_dir(tmp_path):
+def write_model_dir(folder: Path, **plans_options) -> Path:
+    """A MODEL_DIR of two tiny random STU-Nets (seeds 0 and 1) on `default_test_plans`."""
     from common.model_dir import save_model_dir
 
-    plans = default_test_plans(patch_size=(16, 32, 32), spacing=(4.0, 3.0, 3.0))
+    plans = default_test_plans(patch_size=(16, 32, 32), spacing=(4.0, 3.0, 3.0), **plans_options)
     branches = {}
     for seed, name in ((0, "a"), (1, "b")):
         torch.manual_seed(seed)
         branches[name] = build_stunet_from_plans(plans, deep_supervision=True).state_dict()
-    save_model_dir(tmp_path / "model", branches, plans, {"round": 1})
-    return tmp_path / "model"
+    save_model_dir(folder, branches, plans, {"round": 1})
+    return folder
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return write_model_dir(tmp_path / "model")
 
 
 def _liqa_tree(root: Path) -> Path:
@@ -440,7 +445,7 @@ def test_predict_and_evaluate_cli(tmp_path, model_dir, capsys):
 
 def test_predict_plain_folder(tmp_path, model_dir, capsys):
     from fedliver.cli import main
-    from fedliver.commands.predict import plain_jobs
+    from client.prediction import plain_jobs
 
     names = ["T1.nii.gz", "0007-C_T2.nii.gz", "0008-C_DWI_800.nii.gz", "case9_0000.nii.gz", "scan.nii",
              "mask_GED4.nii.gz", "notes.txt"]

@@ -191,7 +191,7 @@ def test_the_site_trains_with_what_the_server_configured(tmp_path):
 
 
 #: Where the sites read a message's config or the run config.
-SITE_SOURCES = ("client/client_app.py", "client/adversarial.py", "common/quantization.py")
+SITE_SOURCES = ("client/client_app.py", "client/pipeline.py", "client/adversarial.py", "common/quantization.py")
 READ = re.compile(r'(?<!node_)(run_)?config(?:\.get\(|\[)"([\w-]+)"|setting\(\w+(?:\.(run_config))?, "([\w-]+)"\)|(?<![\w.])get\("([\w-]+)"\)')
 
 
@@ -276,15 +276,14 @@ def _identify(tmp_path: Path, data_root: str) -> str:
 
 def test_an_empty_data_root_fails_the_simulation_at_once_saying_what_to_do(tmp_path):
     line = _identify(tmp_path, "")
-    assert line.startswith("0 training nodes, 1 required: site A (node 1000): cannot take part: run config "
-                           "'data-root' is empty"), line
-    assert "give the folder holding the Vendor_<X> trees" in line and line.endswith("(and 2 more above)")
+    assert line.startswith("sites A, B1, C: run config 'data-root' is empty"), line  # tests/test_run_fails_fast.py
+    assert "Vendor_<X> tree" in line and "to run: `make demo`" in line and "data-root='/abs/phantoms'" in line
 
 
 def test_a_missing_site_folder_fails_at_once_naming_it(tmp_path):
     (tmp_path / "phantoms" / "Vendor_C").mkdir(parents=True)  # the data root exists; A's and B1's folders do not
     line = _identify(tmp_path, str(tmp_path / "phantoms"))
-    assert "site A (node 1000): cannot take part:" in line and "no Vendor_A folder" in line, line
+    assert line.startswith("site A: ") and "no Vendor_A folder" in line, line
 
 
 @pytest.mark.parametrize("text, axes", [("0,1,2", (0, 1, 2)), ("0,1", (0, 1)), ("", ()), (" 2 ,0", (2, 0))])

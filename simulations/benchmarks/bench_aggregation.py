@@ -20,13 +20,15 @@ import statistics
 import time
 from pathlib import Path
 
+from common.names import BRANCHES
+
 
 def pair_shapes(size: str, width: int | None) -> dict[str, tuple[int, ...]]:
     """{"a.<param>": shape, "b.<param>": shape} of a CPS pair of STU-Net `size`."""
     from common.stunet import build_stunet
 
     net = build_stunet(size, base_width=width, device="meta")  # shapes only, no memory
-    return {f"{branch}.{name}": tuple(p.shape) for branch in ("a", "b") for name, p in net.state_dict().items()}
+    return {f"{branch}.{name}": tuple(p.shape) for branch in BRANCHES for name, p in net.state_dict().items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.names import CONFIGURATION
+
 MODES = ("supervised", "cps", "bare")
 
 
@@ -38,7 +40,7 @@ def _volumes(root: Path, plans: dict, shape: tuple[int, int, int], cases: int = 
     from common.preprocessing import PreprocessingCache
 
     cache = PreprocessingCache(root / "cache", plans)
-    spacing = [float(v) for v in plans["configurations"]["3d_fullres"]["spacing"]]
+    spacing = [float(v) for v in plans["configurations"][CONFIGURATION]["spacing"]]
     labeled, unlabeled = [], []
     rng = np.random.default_rng(0)
     z, y, x = np.mgrid[:shape[0], :shape[1], :shape[2]]
@@ -86,7 +88,7 @@ def measure(mode: str, size: str, width: int | None, patch: tuple[int, int, int]
             trainer.train(1)  # warm-up: allocator, oneDNN kernels, first volume loads
             stats = trainer.train(iterations, start_iteration=1, total_iterations=iterations + 1)
             s_per_iter, data_wait = stats.seconds_per_iteration, stats.data_wait_per_iteration
-    conf = plans["configurations"]["3d_fullres"]
+    conf = plans["configurations"][CONFIGURATION]
     return {"mode": mode, "size": size, "widths": conf["architecture"]["arch_kwargs"]["features_per_stage"],
             "strides": conf["architecture"]["arch_kwargs"]["strides"][1:],
             "patch": "x".join(map(str, conf["patch_size"])), "batch": batch,

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.names import BRANCHES
+
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "runs" / "demo" / "checkpoints" / "best"
 
 
@@ -50,7 +52,7 @@ def pair_of(size: str, width: int | None) -> dict[str, np.ndarray]:
     from common.weights import flatten
 
     branches = {}
-    for seed, name in enumerate(("a", "b")):
+    for seed, name in enumerate(BRANCHES):
         torch.manual_seed(seed)
         branches[name] = build_stunet(size, num_classes=2, base_width=width).state_dict()
     return flatten(branches)
@@ -162,7 +164,7 @@ def dice_effect(model_dir: Path, volumes: int, step: float) -> None:
 
     torch.set_num_threads(1)
     bundle = load_model_dir(model_dir)
-    flat = flatten({name: bundle.branches[name] for name in ("a", "b")})
+    flat = flatten({name: bundle.branches[name] for name in BRANCHES})
     print_roundtrip_error(flat, f"{model_dir} (trained pair)")
     nets32 = bundle.build_nets()
     bundle.branches = to_torch(unflatten(roundtrip(flat)))

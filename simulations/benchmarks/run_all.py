@@ -393,8 +393,10 @@ def render(machine: dict, records: list[dict], invocation: str) -> str:
         lines.append(f"| {r['stage']} | {r['size']} | {r['seconds']:.0f} | {r['load_before']:.2f} | "
                      f"{r['returncode']} | `{_cell(r['command'])}` |")
     lines += ["", "Not run here: `python -m simulations.benchmarks.bench_scale --sites 3,6,12,24` (a Flower "
-              "simulation per site count, how a round's cost grows with the number of sites; tens of minutes), "
-              "run it separately.", "", summary, ""]
+              "simulation per site count, how a round's cost grows with the number of sites; tens of minutes) "
+              "and `python -m simulations.benchmarks.bench_site` (a site's four messages in fresh processes, "
+              "today's path vs the prepared dataset, on 30 full-size cases; building them takes about 20 "
+              "minutes the first time), run them separately.", "", summary, ""]
     return "\n".join(lines)
 
 

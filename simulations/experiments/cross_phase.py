@@ -4,12 +4,13 @@
 
 One phantom set (training centres with a test and a validation split, held-out centre C), one
 budget and one seed per comparison. Every arm is a pooled `fedliver train` run on A, B1 and B2
-(each a subprocess with its own log), then `fedliver predict` + `fedliver evaluate` on held-out
-C (every case) and on the training centres' test split (in-distribution): per phase Dice mean, sd
-and n. Arms: technique (none = nnU-Net's augmentation only, each technique alone, the combination)
-x mode (supervised-only, CPS) x initial weights (the plain ATLAS-like pretraining, the label-transfer
-one, the multi-sequence public one: `simulations/pretrain.py`);
-then one arm declared in advance (--followup) again with a second seed, and federated (FedAvg, the same site-iterations).
+(`train_locally`, each in a fresh process with its own log), then `fedliver predict` + `fedliver
+evaluate` (`predict`, `evaluate_predictions`: fresh processes too) on held-out C (every case) and on
+the training centres' test split (in-distribution): per phase Dice mean, sd and n. Arms: technique
+(none = nnU-Net's augmentation only, each technique alone, the combination) x mode (supervised-only,
+CPS) x initial weights (the plain ATLAS-like pretraining, the label-transfer one, the multi-sequence
+public one: `simulations/pretrain.py`); then one arm declared in advance (--followup) again with a
+second seed, and federated (FedAvg, the same site-iterations).
 Writes OUT/results.csv (one row per arm, group and phase), OUT/table.md and OUT/cross_phase.png.
 Finished arms are kept (OUT/arms/<name>/scores.json), so a rerun only runs what is missing.
 """
@@ -19,14 +20,21 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing
+import os
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+from client.local_training import LocalTrainingConfig, train_locally
+from client.prediction import PredictConfig, predict
+from client.prediction_evaluation import EvaluateConfig, evaluate_predictions
 from common.label_transfer_config import LabelTransferConfig
+from common.run_config import parse_mirror_axes
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAINED = REPO / "simulations" / "pretrained"
@@ -42,10 +50,10 @@ class Technique:
     propagate_labels: bool = False
     mirror_axes: str = "0,1,2"  # nnU-Net's mirroring; "0,1": the left-right order (RAS arrays) is kept
 
-    def train_args(self) -> list[str]:
-        args = [a for name, p in self.label_transfer.to_dict_hyphenated().items() for a in (f"--{name}", str(p))]
-        return args + ["--propagate-labels" if self.propagate_labels else "--no-propagate-labels",
-                       f"--mirror-axes={self.mirror_axes}"]
+    def training_options(self) -> dict[str, object]:
+        """The technique as `LocalTrainingConfig` fields."""
+        return {"label_transfer": self.label_transfer, "propagate_labels": self.propagate_labels,
+                "mirror_axes": parse_mirror_axes(self.mirror_axes)}
 
     def run_config(self) -> dict[str, object]:
         return {**self.label_transfer.to_dict_hyphenated(), "propagate-labels": self.propagate_labels,
@@ -104,9 +112,12 @@ def make_phantoms(out: Path, cases: int, labeled: int, test_cases: int, validati
     settings = json.dumps([cases, labeled, test_cases, validation_cases, seed])
     if marker.is_file() and marker.read_text() == settings:
         return data
-    _fedliver(["phantoms", str(data), "--centers", "A,B1,B2,C", "--heldout", "C", "--cases", str(cases),
-               "--labeled", str(labeled), "--test-cases", str(test_cases), "--validation-cases", str(validation_cases),
-               "--seed", str(seed)], out / "phantoms.log")
+    from simulations.phantoms import PhantomConfig, generate_liqa_tree
+
+    summary = generate_liqa_tree(data, PhantomConfig(centers=("A", "B1", "B2", "C"), heldout=("C",), cases=cases,
+                                                     labeled=labeled, test_cases=test_cases,
+                                                     validation_cases=validation_cases, seed=seed))
+    (out / "phantoms.log").write_text(summary.format() + "\n")
     marker.write_text(settings)
     return data
 
@@ -126,26 +137,36 @@ def in_distribution_test_set(data: Path, out: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- runs
-def _fedliver(args: list[str], log: Path) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as f:
-        done = subprocess.run([sys.executable, "-m", "fedliver.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                              cwd=REPO)
-    if done.returncode != 0:
-        raise RuntimeError(f"fedliver {args[0]} failed (exit {done.returncode}); see {log}")
-
-
 def train_pooled(arm: Arm, data: Path, model: Path, budget: Budget, log: Path) -> None:
     mode = "supervised" if arm.mode == "supervised" else "cps"
     technique = TECHNIQUES[arm.technique]
     # Propagated phases are labeled cache entries, otherwise unlabeled ones: one cache for each.
     cache = model.parents[2] / ("cache-propagated" if technique.propagate_labels else "cache")
-    _fedliver(["train", "--data", str(data), "--centers", "A,B1,B2", "--out", str(model),
-               "--iterations", str(budget.iterations), "--mode", mode, "--cps-confidence", str(MODES[arm.mode]),
-               "--init", str(INITS[arm.init]), "--base-width", "4", "--unlabeled-batch", "1",
-               "--seed", str(arm.seed), "--threads", str(budget.threads), "--agreement-volumes", "0",
-               "--log-every", "50", "--cache", str(cache), *technique.train_args()],
-              log)
+    config = LocalTrainingConfig(
+        data=data, out=model, centers=("A", "B1", "B2"), iterations=budget.iterations, mode=mode,
+        cps_confidence=MODES[arm.mode], init=INITS[arm.init], base_width=4, unlabeled_batch=1, seed=arm.seed,
+        threads=budget.threads, agreement_volumes=0, log_every=50, cache=cache, **technique.training_options(),
+    )
+    in_fresh_process("train", train_locally, config, log)
+
+
+def in_fresh_process(command: str, function: Callable[[Any], int], config: object, log: Path) -> None:
+    """`function(config)` (a `fedliver <command>` as a function) in a spawned process, its output in `log`:
+    its torch threads, memory and output (C libraries' too) are its own, as when each step was a command."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    process = multiprocessing.get_context("spawn").Process(target=_logged, args=(function, config, log))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"fedliver {command} failed (exit {process.exitcode}); see {log}")
+
+
+def _logged(function: Callable[[Any], int], config: object, log: Path) -> None:
+    """In the spawned process: stdout and stderr into the log, then the function; its status is the exit code."""
+    with log.open("a") as f:
+        os.dup2(f.fileno(), sys.stdout.fileno())
+        os.dup2(f.fileno(), sys.stderr.fileno())
+    raise SystemExit(function(config))
 
 
 def train_federated(arm: Arm, data: Path, run_dir: Path, budget: Budget, log: Path) -> Path:
@@ -173,10 +194,11 @@ def score(model: Path, sets: dict[str, Path], work: Path, log: Path, threads: in
     out: dict[str, dict[str, list[float]]] = {}
     for group, folder in sets.items():
         pred = work / f"pred-{group}"
-        _fedliver(["predict", "-i", str(folder), "-o", str(pred), "-m", str(model), "--phases", ",".join(REPORTED),
-                   "--threads", str(threads)], log)
-        _fedliver(["evaluate", "--pred", str(pred), "--truth", str(folder)], log)
-        cases = json.loads((pred / "evaluation.json").read_text())["cases"]
+        in_fresh_process("predict", predict, PredictConfig(input=folder, output=pred, model=model, phases=REPORTED,
+                                                           threads=threads), log)
+        evaluation = EvaluateConfig(pred=pred, truth=folder)
+        in_fresh_process("evaluate", evaluate_predictions, evaluation, log)
+        cases = json.loads(evaluation.out.read_text())["cases"]
         out[group] = {phase: [cases[c][phase]["dice"] for c in sorted(cases) if phase in cases[c]]
                       for phase in REPORTED if any(phase in cases[c] for c in cases)}
     return out
