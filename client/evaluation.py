@@ -79,7 +79,7 @@ def evaluate_pairs(
                 prediction = sitk.GetArrayFromImage(predict_image(nets, image_path, plans, step=step,
                                                                   postprocessing=method)) > 0
             else:
-                data, _, properties = cache.get(case, phase, with_mask=True).load(mmap=False)
+                data, _, properties = cache.get(case, phase, with_mask=False).load(mmap=False)
                 prediction = predict_preprocessed(nets, data, properties, plans, step=step, postprocessing=method) > 0
             mask_image = sitk.ReadImage(str(mask_path))
             truth = np.isin(sitk.GetArrayFromImage(mask_image), case.foreground_labels)

@@ -248,7 +248,7 @@ class SiteData:
             cache = self.preprocessing_cache(plans)
             volumes = self.training_volumes(plans, include_unlabeled=True, propagate_labels=propagate_labels)
             validation = self.validation_volumes(plans)
-            test, failed = _preprocess(cache, self.test_pairs(), with_masks=True)
+            test, failed = _preprocess(cache, self.test_pairs(), with_masks=False)  # as evaluation reads them
             problems += volumes.problems + validation.problems + failed
             preprocessed = len(volumes.labeled) + len(volumes.unlabeled) + len(validation.labeled) + len(test)
         return PreparedSite(self.index, self.file_checks.read, self.file_checks.reused, fingerprint,

@@ -182,19 +182,21 @@ class PreprocessingCache:
                                     fg_file if with_mask else None)
         settings = {"format": CACHE_FORMAT, "plans_sha256": self.plans_sha256,
                     "foreground_labels": [int(v) for v in case.foreground_labels]}
-        stamps = {"image_stamp": _stamp(image), "mask_stamp": _stamp(mask) if mask is not None else None}
+        # Without the mask only the image matters: a labeled entry of the same image serves too
+        # (its data is the same), so evaluation and training never fight over one entry.
+        inputs = {"image": image, **({"mask": mask} if mask is not None else {})}
+        stamps = {f"{name}_stamp": _stamp(path) for name, path in inputs.items()}
         entry = self._entry(volume)
         if entry is not None and all(entry.get(k) == v for k, v in settings.items()):
             if self.trust_stamps and all(entry.get(k) == v for k, v in stamps.items()):
                 return volume  # inputs unchanged since they were preprocessed: nothing read
-            hashes = self._hashes(image, mask)
+            hashes = self._hashes(inputs)
             if all(entry.get(k) == v for k, v in hashes.items()):  # touched, same content
-                if entry.get("image_stamp") == stamps["image_stamp"] and entry.get("mask_stamp") == stamps["mask_stamp"]:
-                    return volume
-                atomic_write_text(json_file, json.dumps({**entry, **stamps}, indent=1, sort_keys=True))
+                if any(entry.get(k) != v for k, v in stamps.items()):
+                    atomic_write_text(json_file, json.dumps({**entry, **stamps}, indent=1, sort_keys=True))
                 return volume
         else:
-            hashes = self._hashes(image, mask)
+            hashes = self._hashes(inputs)
         data, seg, props = preprocess_image(image, self.plans, mask, case.foreground_labels)
         data_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_npy(data_file, data)
@@ -209,9 +211,9 @@ class PreprocessingCache:
         self.computed += 1
         return volume
 
-    def _hashes(self, image: Path, mask: Path | None) -> dict:
-        self.hashed += 1 + (mask is not None)
-        return {"image_sha256": sha256_file(image), "mask_sha256": sha256_file(mask) if mask is not None else None}
+    def _hashes(self, inputs: dict[str, Path]) -> dict[str, str]:
+        self.hashed += len(inputs)
+        return {f"{name}_sha256": sha256_file(path) for name, path in inputs.items()}
 
     @staticmethod
     def _entry(volume: PreprocessedVolume) -> dict | None:

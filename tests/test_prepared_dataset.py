@@ -217,3 +217,16 @@ def test_fedliver_prepare_builds_then_only_refreshes(site_root, tmp_path, capsys
 def test_fedliver_prepare_names_a_missing_folder(tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "nowhere"), "--cache", str(tmp_path / "c")]) == 1
     assert "nowhere: no such folder" in capsys.readouterr().err
+
+
+def test_a_labeled_entry_serves_the_image_alone_without_a_second_entry(site_root, tmp_path):
+    site = _site(site_root, tmp_path / "cache")
+    case, phase = site.labeled_pairs()[0]
+    cache = site.preprocessing_cache(PLANS)
+    labeled = cache.get(case, phase, with_mask=True)
+    image_only = cache.get(case, phase, with_mask=False)  # evaluation asks for the image only
+    assert cache.computed == 1 and image_only.seg_file is None and image_only.foreground() is None
+    np.testing.assert_array_equal(image_only.load()[0], labeled.load()[0])
+    again = PreprocessingCache(tmp_path / "cache" / "preprocessed", PLANS)
+    assert again.get(case, phase, with_mask=True).seg_file is not None  # the labeled entry is still whole
+    assert (again.computed, again.hashed) == (0, 0)
