@@ -28,7 +28,7 @@ def test_a_fresh_process_answers_identify_on_either_path(tiny_site):
     for flag in ([], ["--no-prepared"]):
         done = subprocess.run([sys.executable, "-m", "simulations.benchmarks.site_message", "identify", "--data",
                                str(data), "--cache", str(work / "cache-worker"), "--plans", str(plans), *flag],
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         result = json.loads(done.stdout.strip().splitlines()[-1])
         assert result["message"] == "identify" and result["prepared"] == (flag == [])

@@ -119,7 +119,8 @@ def _flwr_run_alone(tmp_path: Path, num_supernodes: int) -> tuple[str, dict, flo
         superlink.start().wait_for_port("127.0.0.1", port, timeout=60)
         argv = [flower_executable("flwr"), "run", ".", "--stream"]
         started = time.monotonic()
-        done = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                              timeout=120)
         seconds = time.monotonic() - started
         output = done.stdout + done.stderr
         run_id = int(re.search(r"Successfully started run (\d+)", output).group(1))

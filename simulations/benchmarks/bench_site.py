@@ -48,7 +48,7 @@ def _message(message: str, data: Path, cache: Path, plans: Path, *, prepared: bo
                "--cache", str(cache), "--plans", str(plans), "--run-config", run_config]
     if not prepared:
         command.append("--no-prepared")
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace")
     if done.returncode != 0:
         raise SystemExit(f"{message} ({'prepared' if prepared else 'today'}) failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
