@@ -163,6 +163,7 @@ class Batch:
     data: torch.Tensor                       # (b, 1, z, y, x) float32
     target: list[torch.Tensor] | None        # deep-supervision targets (b, 1, ...), highest resolution first
     keys: list[str] = field(default_factory=list)   # "case_id/phase" per sample
+    strong: torch.Tensor | None = None       # unlabeled: the same crops through `strong_view` (CPS's student)
 
 
 class _Volume:
@@ -204,11 +205,14 @@ class BatchBuilder:
     `balance_phases`: draw a phase uniformly, then one of its volumes (a site with 30 T2 and
     5 DWI volumes still shows DWI as often as T2); otherwise every volume is equally likely.
     `phase_weights` (with `balance_phases`): relative weight of a phase (missing phases: 1).
+    `strong_view` (unlabeled): intensity transforms applied after nnU-Net's to a copy of each sample,
+    which becomes `Batch.strong`; seeded from the sample's own seed, so it too is reproducible.
     """
 
     def __init__(self, volumes: Sequence, batch_size: int, params: AugmentationParams, transforms,
                  *, labeled: bool, seed: int, oversample_foreground: float = 0.33, augment: bool = True,
-                 balance_phases: bool = False, phase_weights: Mapping[str, float] | None = None):
+                 balance_phases: bool = False, phase_weights: Mapping[str, float] | None = None,
+                 strong_view=None):
         if not volumes:
             raise ValueError("BatchBuilder needs at least one volume")
         if batch_size < 1:
@@ -220,6 +224,7 @@ class BatchBuilder:
         self.labeled = labeled
         self.oversample_foreground = oversample_foreground if labeled else 0.0
         self.augment = augment
+        self.strong_view = None if labeled else strong_view
         self.rng = np.random.default_rng(seed)
         initial = params.initial_patch_size if augment else params.patch_size
         self.sampler = PatchSampler(initial, params.patch_size)
@@ -242,7 +247,7 @@ class BatchBuilder:
     def _force_foreground(self, j: int) -> bool:
         return j >= round(self.batch_size * (1 - self.oversample_foreground))
 
-    def sample(self, j: int) -> tuple[torch.Tensor, list[torch.Tensor] | torch.Tensor, str]:
+    def sample(self, j: int) -> tuple[torch.Tensor, list[torch.Tensor] | torch.Tensor, str, torch.Tensor | None]:
         volume = self._draw_volume()
         data, seg = volume.arrays()
         fg = volume.foreground() if self._force_foreground(j) else None
@@ -254,18 +259,23 @@ class BatchBuilder:
             image, target = out["image"], out["segmentation"]
         else:
             target = torch.where(target < 0, torch.zeros_like(target), target)
-        return image, target, volume.key
+        strong = None
+        if self.strong_view is not None:
+            with _seeded_global_rng(seed + 1), torch.no_grad():
+                strong = self.strong_view(image=image.clone())["image"]
+        return image, target, volume.key, strong
 
     def next_batch(self) -> Batch:
-        images, targets, keys = [], [], []
+        images, targets, keys, strong = [], [], [], []
         for j in range(self.batch_size):
-            image, target, key = self.sample(j)
+            image, target, key, strong_image = self.sample(j)
             images.append(image)
             targets.append(target if isinstance(target, list) else [target])
             keys.append(key)
+            strong.append(strong_image)
         data = torch.stack(images).float()
         if not self.labeled:
-            return Batch(data, None, keys)
+            return Batch(data, None, keys, torch.stack(strong).float() if self.strong_view is not None else None)
         per_scale = [torch.stack([t[s] for t in targets]) for s in range(len(targets[0]))]
         return Batch(data, per_scale, keys)
 

@@ -12,7 +12,14 @@ right after the spatial transform (so nnU-Net's noise, blur, contrast and gamma 
   gadoxetate uptake.
 - `RandomConvolutionMix` (GIN, Ouyang et al. 2023): a few random-weight convolutions with leaky
   ReLU, mixed with the input: non-monotone intensity maps with local texture, no mask needed.
-- `RandomInPlaneTranspose`: swap the two in-plane axes. Scanners store slices row- or column-major
+- `RandomBiasField`: a smooth multiplicative field (the exponential of a random cubic polynomial
+  over the patch, TorchIO's `RandomBiasField`), on labeled and unlabeled samples: a centre's coils
+  and field strength shade its images more or less than the training sites' do.
+- `RandomInPlaneTranspose`: swap the two in-plane axes.
+
+`strong_view_transforms` is the label-free part (bias field, GIN, a global random intensity curve):
+CPS's student may see an unlabeled sample through it while its teacher sees the sample as nnU-Net
+augmented it (`cps-strong-view`), so agreement has to hold across contrasts, not only within one. Scanners store slices row- or column-major
   and nnU-Net does not reorient, so a centre whose arrays are transposed shows the liver's shape
   transposed; mirroring covers flips, this covers the swap.
 
@@ -214,6 +221,57 @@ class RandomConvolutionMix(ImageOnlyTransform):
         return torch.stack([_restandardize(mixed[c], img[c]) for c in range(channels)])
 
 
+class RandomBiasField(ImageOnlyTransform):
+    """Multiply the image by exp(p(z, y, x)), p a polynomial of degree <= `order` in the patch's
+    coordinates scaled to [-1, 1], its coefficients U(-`strength`, `strength`) (TorchIO's
+    `RandomBiasField`, coefficients 0.5 by default there). Works on the [0, 1] range, so the field
+    shades tissue, not the z-score's sign, and the result keeps the patch's mean and sd."""
+
+    def __init__(self, strength: float = 0.2, order: int = 3):
+        super().__init__()
+        self.strength = strength
+        self.order = order
+
+    def field(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        """exp of the random polynomial on a (z, y, x) grid of `shape`."""
+        z, y, x = torch.meshgrid(*(torch.linspace(-1.0, 1.0, n) for n in shape), indexing="ij")
+        log = torch.zeros(shape)
+        for i in range(self.order + 1):
+            for j in range(self.order + 1 - i):
+                for k in range(self.order + 1 - i - j):
+                    if i + j + k:
+                        log += _uniform(-self.strength, self.strength) * z**i * y**j * x**k
+        return torch.exp(log)
+
+    def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
+        field = self.field(tuple(img.shape[1:]))
+        return torch.stack([_restandardize(_to_unit_range(img[c]) * field, img[c]) for c in range(img.shape[0])])
+
+
+class RandomIntensityCurve(ImageOnlyTransform):
+    """One random Bezier curve over the whole image (no mask): monotone, inverted or shuffled
+    (`random_intensity_curve`), so the order of tissue intensities may change; voxels at the lowest
+    intensities (air, padding) keep theirs. Keeps the patch's mean and sd."""
+
+    def __init__(self, p_invert: float = 0.3, p_random: float = 0.3, background: float = 0.01):
+        super().__init__()
+        self.p_invert = p_invert
+        self.p_random = p_random
+        self.background = background
+
+    def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
+        out = torch.empty_like(img)
+        for c in range(img.shape[0]):
+            unit = _to_unit_range(img[c])
+            kind = _curve_kind(self.p_invert, self.p_random)
+            x, y = random_intensity_curve(kind, n_control=6 if kind == "random" else 4)
+            mapped = apply_curve(unit, x, y)
+            keep = unit <= self.background
+            mapped[keep] = unit[keep]
+            out[c] = _restandardize(mapped, img[c])
+        return out
+
+
 class RandomInPlaneTranspose(BasicTransform):
     """Swap the two in-plane axes (y, x) of image and segmentation; a no-op when they differ in size
     (the patch must keep its shape)."""
@@ -229,13 +287,25 @@ class RandomInPlaneTranspose(BasicTransform):
 # --------------------------------------------------------------------------------------------- pipeline
 def label_transfer_transforms(config: LabelTransferConfig, labeled: bool) -> list[BasicTransform]:
     """The transforms to insert after nnU-Net's spatial transform, each behind its probability.
-    Unlabeled samples get only the transpose: their intensities are what CPS must learn to read."""
-    chosen: list[tuple[float, BasicTransform]] = [(config.transpose, RandomInPlaneTranspose())]
+    Unlabeled samples get only the transpose and the bias field (an acquisition's shading, not a
+    relabeling of tissue): their intensities are what CPS must learn to read."""
+    chosen: list[tuple[float, BasicTransform]] = [(config.transpose, RandomInPlaneTranspose()),
+                                                   (config.bias_field, RandomBiasField())]
     if labeled:
         chosen += [(config.non_contrast, SimulatedNonContrast()),
                    (config.location_scale, LocationScaleIntensity()),
                    (config.random_conv, RandomConvolutionMix())]
     return [RandomTransform(t, apply_probability=p) for p, t in chosen if p > 0]
+
+
+def strong_view_transforms(p: float = 0.5):
+    """The label-free intensity transforms of CPS's strong view, each with probability `p`: a bias
+    field, GIN's random convolutions and a global random intensity curve. Intensity only: the view
+    stays voxel-aligned with the weak one, so the teacher's labels on one fit the student's on the other."""
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
+    return ComposeTransforms([RandomTransform(t, apply_probability=p)
+                              for t in (RandomBiasField(), RandomConvolutionMix(), RandomIntensityCurve())])
 
 
 def insert_after_spatial(compose, extra: list[BasicTransform]):
@@ -257,5 +327,6 @@ def insert_after_spatial(compose, extra: list[BasicTransform]):
     return compose
 
 
-__all__ = ["LocationScaleIntensity", "SimulatedNonContrast", "RandomConvolutionMix", "RandomInPlaneTranspose",
+__all__ = ["LocationScaleIntensity", "SimulatedNonContrast", "RandomConvolutionMix", "RandomBiasField",
+           "RandomIntensityCurve", "RandomInPlaneTranspose", "strong_view_transforms",
            "label_transfer_transforms", "insert_after_spatial", "bezier_curve", "random_intensity_curve", "apply_curve"]

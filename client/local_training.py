@@ -67,6 +67,7 @@ class LocalTrainingConfig:
     rampup: int | None = None                    # CPS ramp-up iterations (None: 40% of `iterations`)
     cps_loss: str = "ce"                         # "ce" | "dice_ce"
     cps_confidence: float = float(default("cps-confidence"))
+    cps_strong_view: bool = bool(default("cps-strong-view"))
     cps_gate: float = float(default("cps-gate"))
     propagate_labels: bool = bool(default("propagate-labels"))
     balance_phases: bool = bool(default("balance-phases"))
@@ -115,6 +116,7 @@ class LocalTrainingConfig:
         return {"mode": self.training_mode, "batch-size": self.batch,
                 "unlabeled-batch-size": self.unlabeled_batch or self.batch, "learning-rate": self.lr,
                 "cps-lambda-max": self.lambda_max, "cps-confidence": self.cps_confidence,
+                "cps-strong-view": self.cps_strong_view,
                 "balance-phases": self.balance_phases, "mirror-axes": self.mirror_axes,
                 **self.label_transfer.to_dict_hyphenated(), "seed": self.seed}
 
@@ -270,6 +272,7 @@ def _train(config: LocalTrainingConfig, init: Path | None, device: torch.device,
         "rampup_iterations": rampup,
         "cps_loss": config.cps_loss,
         "cps_confidence": config.cps_confidence,
+        "cps_strong_view": config.cps_strong_view,
         "cps_gate": config.cps_gate,
         "balance_phases": config.balance_phases,
         "mirror_axes": list(trainer_settings.mirror_axes),

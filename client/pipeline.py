@@ -24,7 +24,7 @@ from common.planning import PlanningConfig, plan_from_fingerprints
 from common.preprocessing import PreprocessedVolume
 from common.problems import Problem
 
-#: Run-config keys of the label-transfer probabilities: location-scale, non-contrast, random-conv, transpose.
+#: Run-config keys of the label-transfer probabilities: location-scale, non-contrast, random-conv, transpose, bias-field.
 LABEL_TRANSFER_KEYS = tuple(LabelTransferConfig().to_dict_hyphenated())
 
 
@@ -97,6 +97,7 @@ def trainer_config(settings: Mapping[str, object], **fields: Any) -> TrainerConf
         lambda_max=float(get("cps-lambda-max")),
         proximal_mu=float(get("proximal-mu")),
         cps_confidence=float(get("cps-confidence")),
+        cps_strong_view=bool(get("cps-strong-view")),
         balance_phases=bool(get("balance-phases")),
         mirror_axes=_axes(get("mirror-axes")),
         label_transfer=LabelTransferConfig.from_hyphenated({key: get(key) for key in LABEL_TRANSFER_KEYS}),

@@ -33,6 +33,7 @@ from torch import nn
 from client.data_loading import (AugmentationParams, Batch, BatchBuilder, Prefetcher, augmentation_params,
                                  build_training_transforms, deep_supervision_scales)
 from client.losses import CrossPseudoLoss, cps_lambda, poly_lr, proximal_term, supervised_loss
+from client.label_transfer import strong_view_transforms
 from common.device import AUTOCAST_CHOICES, autocast_dtype
 from common.label_transfer_config import DEFAULT_LABEL_TRANSFER, LabelTransferConfig
 from common.names import BRANCHES, CONFIGURATION
@@ -63,6 +64,8 @@ class TrainerConfig:
     cps_confidence: float = 0.0                # cross term only where the teacher's softmax exceeds this (0: all)
     cps_gate: float = 0.0                      # cross term off until validation Dice reaches this (0: no gate)
     cps_gate_every: int = 25                   # iterations between validation checks while the gate is closed
+    cps_strong_view: bool = False              # students see unlabeled samples through `strong_view_transforms`,
+                                               # teachers (no gradient) as nnU-Net augmented them
     balance_phases: bool = True                # batches draw a phase uniformly, then a volume of it
     labeled_share: float = 0.5                 # share of labeled draws on the truly labeled phase (GED4)
                                                # when propagated phases are labeled too (balance_phases)
@@ -229,7 +232,8 @@ class CPSTrainer:
             self._unlabeled_builder = BatchBuilder(
                 self.unlabeled, config.unlabeled_batch_size or config.batch_size, self.params,
                 build_training_transforms(self.params, None, config.label_transfer, labeled=False), labeled=False,
-                seed=int(seeds[1].generate_state(1)[0]), augment=config.augment, balance_phases=config.balance_phases)
+                seed=int(seeds[1].generate_state(1)[0]), augment=config.augment, balance_phases=config.balance_phases,
+                strong_view=strong_view_transforms() if config.cps_strong_view and config.mode == "cps" else None)
 
     def _labeled_phase_weights(self) -> dict[str, float] | None:
         """GED4 drawn with `labeled_share`, the propagated phases sharing the rest equally: the
@@ -296,7 +300,11 @@ class CPSTrainer:
     def _step(self, lb: Batch | None, ub: Batch | None, lam: float, lr: float,
               reference: Mapping[str, Mapping[str, torch.Tensor]] | None) -> dict[str, float]:
         cfg = self.config
+        # With a strong view the nets learn from it; the teachers' labels come from the weak one.
+        strong = ub is not None and ub.strong is not None and cfg.mode == "cps" and lam > 0
         parts = [b.data for b in (lb, ub) if b is not None]
+        if strong:
+            parts[-1] = ub.strong
         x = torch.cat(parts).to(self.device, non_blocking=True) if len(parts) > 1 else parts[0].to(self.device)
         n_lab = lb.data.shape[0] if lb is not None else 0
         # float32 path (CPU default): no autocast context at all, so its numbers stay exactly as before.
@@ -311,7 +319,13 @@ class CPSTrainer:
                 target = [t.to(self.device, non_blocking=True) for t in lb.target]
                 sup = {b: self.sup_loss([o[:n_lab] for o in outputs[b]], target) for b in BRANCHES}
             cps = zero
-            if cfg.mode == "cps" and lam > 0:
+            if strong:
+                with torch.no_grad():
+                    weak = ub.data.to(self.device, non_blocking=True)
+                    teacher_a, teacher_b = (self.nets[b](weak) for b in BRANCHES)
+                out_a, out_b = ([o[n_lab:] for o in outputs[b]] for b in BRANCHES)
+                cps = self.cross_loss(out_a, teacher_b) + self.cross_loss(out_b, teacher_a)
+            elif cfg.mode == "cps" and lam > 0:
                 start = 0 if cfg.cps_on_labeled else n_lab
                 if start < x.shape[0]:
                     out_a, out_b = ([o[start:] for o in outputs[b]] for b in BRANCHES)

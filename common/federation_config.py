@@ -24,7 +24,7 @@ ROLES = ("train", "eval")
 #: pair pretrained on the multi-sequence public phantom set, `simulations/pretrain.py`), as the demo
 #: and `fedliver train` start from; any other size starts from random weights.
 AUTO_INIT = "auto"
-SHIPPED_PRETRAINING = Path("simulations") / "pretrained" / "stunet_T4_multiseq.safetensors"
+SHIPPED_PRETRAINING = Path("simulations") / "pretrained" / "stunet_T4_multiseq_nomirror.safetensors"
 
 
 def shipped_pretraining() -> Path | None:
@@ -122,6 +122,7 @@ class FederationConfig:
     cps_lambda_max: float
     cps_rampup_rounds: int
     cps_confidence: float  # cross term only where the teacher's softmax exceeds this (0: all voxels)
+    cps_strong_view: bool  # students see unlabeled samples through a label-free intensity view
     cps_gate: float  # cross term off until the validation GED4 Dice of the last round reaches this
     balance_phases: bool  # batches draw a phase first, then a volume
     propagate_labels: bool  # labeled cases' other phases train under their GED4 mask (scanner coordinates)
@@ -180,6 +181,7 @@ class FederationConfig:
             cps_lambda_max=v["cps-lambda-max"],
             cps_rampup_rounds=v["cps-rampup-rounds"],
             cps_confidence=v["cps-confidence"],
+            cps_strong_view=v["cps-strong-view"],
             cps_gate=v["cps-gate"],
             balance_phases=v["balance-phases"],
             propagate_labels=v["propagate-labels"],

@@ -1,7 +1,7 @@
 """Which label-transfer augmentations a site trains with (the transforms: `client/label_transfer.py`).
 
 Torch-free, so the command line, the run config and the server can read and check it cheaply.
-Probabilities are per labeled sample; the transpose also applies to unlabeled samples.
+Probabilities are per labeled sample; the transpose and the bias field also apply to unlabeled samples.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ class LabelTransferConfig:
     non_contrast: float = 0.0     # liver darkened inside its mask (simulated non-contrast, MA2)
     random_conv: float = 0.0      # random shallow convolutions mixed with the image (GIN)
     transpose: float = 0.0        # in-plane axes swapped (labeled and unlabeled samples)
+    bias_field: float = 0.0       # smooth random multiplicative field (labeled and unlabeled samples)
 
     def __post_init__(self) -> None:
         for f in fields(self):

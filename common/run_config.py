@@ -52,6 +52,8 @@ KEYS: tuple[Key, ...] = (
     Key("cps-lambda-max", float, 1.0, "CPS weight after the ramp-up"),
     Key("cps-rampup-rounds", int, 2, "rounds over which the CPS weight ramps up"),
     Key("cps-confidence", float, 0.0, "pseudo-labels only where the teacher's softmax exceeds this (0: every voxel)"),
+    Key("cps-strong-view", bool, False,
+        "students see unlabeled samples through a label-free intensity view (bias field, GIN, random curve)"),
     Key("cps-gate", float, 0.0, "cross term waits until the last round's validation GED4 Dice reaches this (0: from the start)"),
     Key("balance-phases", bool, True, "batches draw a phase uniformly, then one of its volumes"),
     Key("propagate-labels", bool, True, "labeled cases' other phases train under their GED4 mask (scanner coordinates)"),
@@ -63,6 +65,7 @@ KEYS: tuple[Key, ...] = (
     Key("non-contrast", float, 0.0, "simulated non-contrast: liver darkened inside its mask"),
     Key("random-conv", float, 0.0, "random shallow convolutions mixed with the image (GIN)"),
     Key("transpose", float, 0.0, "in-plane axis swap (also on unlabeled samples)"),
+    Key("bias-field", float, 0.0, "smooth random multiplicative bias field (also on unlabeled samples)"),
     # Aggregation
     Key("weighted-by", str, "labeled", 'FedAvg weights: "labeled", "samples" or "uniform"'),
     Key("proximal-mu", float, 0.0, "FedProx mu (strategy fedprox)"),
@@ -89,7 +92,7 @@ KEYS: tuple[Key, ...] = (
     Key("adversarial-sites", str, "", 'simulation only: "SITE:KIND,..." sites that corrupt their update'),
     # Postprocessing
     Key("postprocessing", str, "largest-component", 'on predictions: "largest-component" or "none"'),
-    Key("postprocessing-phases", str, "GED4", 'phases it applies to ("*": all)'),
+    Key("postprocessing-phases", str, "*", 'phases it applies to ("*": all)'),
     # Robustness
     Key("min-train-nodes", int, 1, "fewest training sites to go on with"),
     Key("round-timeout", float, 3600.0, "seconds to wait for a round's replies"),

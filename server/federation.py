@@ -80,6 +80,7 @@ def round_config(c: FederationConfig, server_round: int, plans_json: str, digest
             "cps-lambda-max": c.cps_lambda_max,
             "cps-rampup-rounds": c.cps_rampup_rounds,
             "cps-confidence": c.cps_confidence,
+            "cps-strong-view": c.cps_strong_view,
             "balance-phases": c.balance_phases,
             "propagate-labels": c.propagate_labels,
             "mirror-axes": ",".join(str(a) for a in c.mirror_axes),

@@ -150,3 +150,50 @@ def test_phase_weights_keep_the_true_labels_share(volumes):
     assert weights["GED4"] / sum(weights.values()) == pytest.approx(0.5)
     assert CPSTrainer(volumes["plans"], ged4, [], TrainerConfig(mode="supervised", batch_size=1, prefetch=0),
                       log=_quiet)._labeled_phase_weights() is None
+
+
+def test_strong_view_batches_are_the_same_crops_through_intensity_only(volumes):
+    """Unlabeled batches carry a strong view: same shape, different values, reproducible from the seed,
+    and voxel-aligned with the weak view (a monotone check: the view is a per-voxel intensity map
+    times a smooth field, so it cannot be a different crop). Labeled batches never carry one."""
+    from client.label_transfer import strong_view_transforms
+
+    params = augmentation_params(PATCH)
+    transforms = build_training_transforms(params, None)
+
+    def batch(seed: int, labeled: bool = False):
+        return BatchBuilder(volumes["labeled"] if labeled else volumes["unlabeled"], 2, params, transforms,
+                            labeled=labeled, seed=seed, strong_view=strong_view_transforms(p=1.0)).next_batch()
+
+    first, again, other = batch(3), batch(3), batch(4)
+    assert first.strong is not None and first.strong.shape == first.data.shape
+    assert torch.equal(first.strong, again.strong) and torch.equal(first.data, again.data)
+    assert not torch.equal(first.strong, other.strong)
+    assert not torch.allclose(first.strong, first.data)
+    # Same crop: the views' edges lie in the same places, far more than another crop's do.
+    def edges(x: torch.Tensor) -> torch.Tensor:
+        return (x[..., 1:] - x[..., :-1]).abs().flatten()
+
+    def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(torch.corrcoef(torch.stack([edges(a), edges(b)]))[0, 1])
+
+    assert agreement(first.data, first.strong) > agreement(other.data, first.strong) + 0.1
+    assert batch(3, labeled=True).strong is None
+
+
+def test_strong_view_cps_teaches_from_the_weak_view(volumes):
+    """With the strong view the cross term compares the students' outputs on the strong view with
+    the teachers' on the weak one: a different loss and update than plain CPS from the same seed;
+    supervised mode ignores the option."""
+    base = dict(mode="cps", batch_size=1, unlabeled_batch_size=1, seed=2, prefetch=0, log_every=0,
+                lambda_max=1.0, rampup_iterations=0)
+    plain = CPSTrainer(volumes["plans"], volumes["labeled"], volumes["unlabeled"], TrainerConfig(**base), log=_quiet)
+    strong = CPSTrainer(volumes["plans"], volumes["labeled"], volumes["unlabeled"],
+                        TrainerConfig(**base, cps_strong_view=True), log=_quiet)
+    assert strong._unlabeled_builder.strong_view is not None and plain._unlabeled_builder.strong_view is None
+    plain_stats, strong_stats = plain.train(2), strong.train(2)
+    assert plain_stats.cps > 0 and strong_stats.cps > 0 and strong_stats.cps != plain_stats.cps
+    assert not _equal_weights(plain.state_dicts(), strong.state_dicts())
+    supervised = CPSTrainer(volumes["plans"], volumes["labeled"], volumes["unlabeled"],
+                            TrainerConfig(**{**base, "mode": "supervised"}, cps_strong_view=True), log=_quiet)
+    assert supervised._unlabeled_builder is None

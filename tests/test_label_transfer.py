@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from client.data_loading import augmentation_params, build_training_transforms, _seeded_global_rng
-from client.label_transfer import (LocationScaleIntensity, RandomConvolutionMix, RandomInPlaneTranspose,
+from client.label_transfer import (LocationScaleIntensity, RandomBiasField, RandomConvolutionMix, RandomInPlaneTranspose,
                                    SimulatedNonContrast, apply_curve, insert_after_spatial, label_transfer_transforms,
                                    random_intensity_curve)
 from common.label_transfer_config import LabelTransferConfig
@@ -30,7 +30,7 @@ def _run(transform, image, seg, seed=1):
         return transform(image=image.clone(), segmentation=seg.clone())
 
 
-INTENSITY = [LocationScaleIntensity(), SimulatedNonContrast(), RandomConvolutionMix()]
+INTENSITY = [LocationScaleIntensity(), SimulatedNonContrast(), RandomConvolutionMix(), RandomBiasField()]
 
 
 @pytest.mark.parametrize("transform", INTENSITY, ids=lambda t: type(t).__name__)
@@ -119,6 +119,24 @@ def test_random_curves_monotone_inverted_or_shuffled():
     assert torch.allclose(apply_curve(values, torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])), 1 - values)
 
 
+def test_bias_field_is_smooth_positive_and_shades_across_the_patch():
+    """A cubic field: positive, bounded, nearly constant between neighbours, but far from constant over
+    the patch; the image's intensity order within a small neighbourhood is kept."""
+    transform = RandomBiasField(strength=0.2, order=3)
+    with _seeded_global_rng(3):
+        field = transform.field((16, 32, 32))
+    terms = 19  # monomials of degree 1..3 in three variables
+    assert field.shape == (16, 32, 32) and bool((field > 0).all())
+    assert float(field.max()) <= np.exp(0.2 * terms) and float(field.min()) >= np.exp(-0.2 * terms)
+    neighbour_step = (field[:, :, 1:] / field[:, :, :-1]).log().abs().max()
+    assert float(neighbour_step) < 0.1 < float(field.max() / field.min()) - 1
+    flat = torch.ones(1, 16, 32, 32)
+    flat[0, :, :, ::2] = 2.0  # a stripe pattern; the field shades it but keeps bright stripes bright
+    with _seeded_global_rng(3):
+        out = transform(image=flat.clone())["image"]
+    assert bool((out[0, :, :, ::2] > out[0, :, :, 1::2]).all())
+
+
 def test_config_selects_and_places_the_transforms():
     config = LabelTransferConfig(location_scale=0.5, non_contrast=0.25, random_conv=0.0, transpose=0.5)
     labeled = [type(t.transform).__name__ for t in label_transfer_transforms(config, labeled=True)]
@@ -131,6 +149,9 @@ def test_config_selects_and_places_the_transforms():
     names = [type(getattr(t, "transform", t)).__name__ for t in compose.transforms]
     assert len(compose.transforms) == len(plain.transforms) + 3
     assert names[0] == "SpatialTransform" and names[1:4] == labeled  # before every intensity transform
+    shaded = LabelTransferConfig(transpose=0.5, bias_field=0.5)
+    assert [type(t.transform).__name__ for t in label_transfer_transforms(shaded, labeled=False)] == \
+        ["RandomInPlaneTranspose", "RandomBiasField"]  # an acquisition's shading: unlabeled samples too
     with pytest.raises(ValueError, match="random_conv"):
         LabelTransferConfig(random_conv=1.5)
     assert not LabelTransferConfig().enabled and config.enabled
@@ -141,7 +162,7 @@ def test_config_selects_and_places_the_transforms():
 def test_pipeline_with_label_transfer_gives_valid_batches():
     """The whole nnU-Net pipeline with every transform on: shapes, finite values, binary targets."""
     params = augmentation_params((16, 32, 32))
-    config = LabelTransferConfig(location_scale=1.0, non_contrast=1.0, random_conv=1.0, transpose=1.0)
+    config = LabelTransferConfig(location_scale=1.0, non_contrast=1.0, random_conv=1.0, transpose=1.0, bias_field=1.0)
     compose = build_training_transforms(params, [[1, 1, 1], [0.5, 0.5, 0.5]], config, labeled=True)
     image, seg = _sample()
     big = torch.nn.functional.pad(image, (4, 4, 4, 4, 2, 2))

@@ -139,9 +139,9 @@ NOT_DEFAULTS = {
     "num-server-rounds": 4, "local-iterations": 7, "mode": "supervised", "batch-size": 3, "unlabeled-batch-size": 5,
     "learning-rate": 0.02, "cps-lambda-max": 0.5, "cps-rampup-rounds": 3, "cps-confidence": 0.7,
     "balance-phases": False, "propagate-labels": False, "location-scale": 0.1, "non-contrast": 0.2,
-    "random-conv": 0.3, "transpose": 0.4, "proximal-mu": 0.25, "local-norm": True, "local-momentum": True,
+    "random-conv": 0.3, "transpose": 0.4, "bias-field": 0.6, "cps-strong-view": True, "proximal-mu": 0.25, "local-norm": True, "local-momentum": True,
     "fp16-transport": True, "seed": 11, "evaluate-step": 0.75, "evaluate-phases": "GED4,T2",
-    "postprocessing": "none", "postprocessing-phases": "*", "agreement-volumes": 2, "mirror-axes": "0,1",
+    "postprocessing": "none", "postprocessing-phases": "GED4,T2", "agreement-volumes": 2, "mirror-axes": "0,1",
 }
 
 
@@ -187,6 +187,7 @@ def test_the_site_trains_with_what_the_server_configured(tmp_path):
     assert trainer.proximal_mu == c.proximal_mu and trainer.balance_phases is c.balance_phases
     assert trainer.label_transfer == c.label_transfer
     assert trainer.mirror_axes == c.mirror_axes == (0, 1)
+    assert trainer.cps_strong_view is c.cps_strong_view is True
     assert trainer.seed == c.seed + 1000 * 2  # each round samples anew, as before
 
 

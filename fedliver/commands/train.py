@@ -48,17 +48,16 @@ def _names(text: str) -> list[str]:
 
 
 def add_label_transfer_arguments(parser: argparse.ArgumentParser) -> None:
-    """--location-scale/--non-contrast/--random-conv/--transpose: probability per labeled sample."""
+    """--location-scale/--non-contrast/--random-conv/--transpose/--bias-field: probability per sample."""
     group = parser.add_argument_group("label transfer (probability per labeled sample; 0: off)")
-    for name in LabelTransferConfig().to_dict_hyphenated():  # location-scale, non-contrast, random-conv, transpose
+    for name in LabelTransferConfig().to_dict_hyphenated():  # location-scale, ..., bias-field
         value = D["label_transfer"].to_dict_hyphenated()[name]
         group.add_argument(f"--{name}", type=float, default=value, metavar="P",
                            help=f"{BY_NAME[name].help} (default {value})")
 
 
 def label_transfer_from_args(args: argparse.Namespace) -> LabelTransferConfig:
-    return LabelTransferConfig(location_scale=args.location_scale, non_contrast=args.non_contrast,
-                               random_conv=args.random_conv, transpose=args.transpose)
+    return LabelTransferConfig(**{name: getattr(args, name) for name in LabelTransferConfig().to_dict()})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -79,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="supervised pretraining on every labeled volume (ATLAS-like nnU-Net raw set)")
     parser.add_argument("--init", type=Path, default=None, metavar="PRETRAINED",
                         help="initial body weights for both nets: a MODEL_DIR (branch a) or .pth/.model/.safetensors "
-                             "(default: the shipped pretraining, stunet_T4_multiseq, for the CPU net, --size T --base-width 4, "
+                             "(default: the shipped pretraining, stunet_T4_multiseq_nomirror, for the CPU net, --size T --base-width 4, "
                              "as the demo; else random; 'none': random)")
     parser.add_argument("--iterations", type=int, default=D["iterations"],
                         help=f"training iterations (default {D['iterations']})")
@@ -105,6 +104,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cps-confidence", type=float, default=DEFAULT_CPS_CONFIDENCE,
                         help="cross term only on voxels where the teacher's softmax exceeds this "
                              f"(0: all; default {DEFAULT_CPS_CONFIDENCE})")
+    parser.add_argument("--cps-strong-view", action=argparse.BooleanOptionalAction, default=D["cps_strong_view"],
+                        help="students see unlabeled samples through a label-free intensity view (bias field, "
+                             f"random convolutions, a random curve), teachers as augmented (default {D['cps_strong_view']})")
     parser.add_argument("--cps-gate", type=float, default=D["cps_gate"],
                         help="cross term off until the validation GED4 Dice (splits.json validation cases) "
                              f"reaches this; checked every 25 iterations (0: no gate; default {D['cps_gate']})")
@@ -137,7 +139,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"default {D['postprocessing']})")
     parser.add_argument("--postprocessing-phases", default=D["postprocessing_phases"],
                         help="phases it applies to, comma-separated, '*' for all (default "
-                             f"{D['postprocessing_phases']}: the labeled phase, where it can be validated)")
+                             f"{D['postprocessing_phases']}: every phase, as chosen on the development set)")
     parser.set_defaults(run=run)
 
 
@@ -148,7 +150,7 @@ def config_from_args(args: argparse.Namespace) -> LocalTrainingConfig:
         mode=args.mode, pretrain=args.pretrain, init=args.init, iterations=args.iterations, size=args.size,
         base_width=args.base_width, patch=tuple(args.patch), batch=args.batch, unlabeled_batch=args.unlabeled_batch,
         lr=args.lr, lambda_max=args.lambda_max, rampup=args.rampup, cps_loss=args.cps_loss,
-        cps_confidence=args.cps_confidence, cps_gate=args.cps_gate, propagate_labels=args.propagate_labels,
+        cps_confidence=args.cps_confidence, cps_strong_view=args.cps_strong_view, cps_gate=args.cps_gate, propagate_labels=args.propagate_labels,
         balance_phases=args.balance_phases, mirror_axes=tuple(args.mirror_axes),
         label_transfer=label_transfer_from_args(args), unlabeled_phases=tuple(args.unlabeled_phases), seed=args.seed,
         cache=args.cache, agreement_volumes=args.agreement_volumes, threads=args.threads, device=args.device,

@@ -40,7 +40,9 @@ REPO = Path(__file__).resolve().parents[2]
 PRETRAINED = REPO / "simulations" / "pretrained"
 INITS = {"plain": PRETRAINED / "stunet_T4_atlas.safetensors",
          "label-transfer": PRETRAINED / "stunet_T4_atlas_lt.safetensors",
-         "multi-sequence": PRETRAINED / "stunet_T4_multiseq.safetensors"}
+         "multi-sequence": PRETRAINED / "stunet_T4_multiseq.safetensors",
+         # The same set and budget, pretrained without mirroring (as the sites train: RAS, no flips).
+         "multi-sequence-no-mirror": PRETRAINED / "stunet_T4_multiseq_nomirror.safetensors"}
 COMBINATION = LabelTransferConfig(location_scale=0.5, non_contrast=0.25, random_conv=0.25, transpose=0.5)
 
 
@@ -72,12 +74,19 @@ TECHNIQUES: dict[str, Technique] = {
     # Anatomy's own orientation as a cue: no left-right mirroring, or no mirroring at all.
     "propagation+lr-kept": Technique(propagate_labels=True, mirror_axes="0,1"),
     "propagation+no-mirror": Technique(propagate_labels=True, mirror_axes=""),
+    # C's coils shade its images more, and its fat is less suppressed, than the training sites'.
+    "propagation+no-mirror+bias-field": Technique(LabelTransferConfig(bias_field=0.5), True, ""),
+    "propagation+no-mirror+location-scale": Technique(LabelTransferConfig(location_scale=0.5), True, ""),
 }
-#: CPS variants: (cross-term confidence threshold)
-MODES = {"supervised": 0.0, "cps": 0.0, "cps-confident": 0.9}
+#: CPS variants: (cross-term confidence threshold); "cps-strong": students learn from a strong view
+MODES = {"supervised": 0.0, "cps": 0.0, "cps-confident": 0.9, "cps-strong": 0.0}
+STRONG_VIEW_MODES = ("cps-strong",)
 NON_CONTRAST = ("T1", "T2", "DWI_800")
 REPORTED = ("GED4",) + NON_CONTRAST  # the phases scored: the labeled one and the targets
 GROUPS = ("C", "in-distribution")
+#: The same predictions with nnU-Net's keep-the-largest-component on every phase (the models keep it
+#: on GED4 only): what choosing `postprocessing-phases = "*"` would give, scored without predicting again.
+LARGEST_COMPONENT = "+largest-component"
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,8 @@ def train_pooled(arm: Arm, data: Path, model: Path, budget: Budget, log: Path) -
     cache = model.parents[2] / ("cache-propagated" if technique.propagate_labels else "cache")
     config = LocalTrainingConfig(
         data=data, out=model, centers=("A", "B1", "B2"), iterations=budget.iterations, mode=mode,
-        cps_confidence=MODES[arm.mode], init=INITS[arm.init], base_width=4, unlabeled_batch=1, seed=arm.seed,
+        cps_confidence=MODES[arm.mode], cps_strong_view=arm.mode in STRONG_VIEW_MODES, init=INITS[arm.init],
+        base_width=4, unlabeled_batch=1, seed=arm.seed,
         threads=budget.threads, agreement_volumes=0, log_every=50, cache=cache, **technique.training_options(),
     )
     in_fresh_process("train", train_locally, config, log)
@@ -176,7 +186,8 @@ def train_federated(arm: Arm, data: Path, run_dir: Path, budget: Budget, log: Pa
         "data-root": str(data.resolve()), "run-dir": str(run_dir.resolve()), "sites": "A:train,B1:train,B2:train,C:eval",
         "num-server-rounds": budget.rounds, "local-iterations": budget.local_iterations, "evaluate-every": budget.rounds,
         "net-width": 4, "unlabeled-batch-size": 1, "mode": "supervised" if arm.mode == "supervised" else "cps",
-        "cps-confidence": MODES[arm.mode], "init-weights": str(INITS[arm.init]), "seed": arm.seed,
+        "cps-confidence": MODES[arm.mode], "cps-strong-view": arm.mode in STRONG_VIEW_MODES,
+        "init-weights": str(INITS[arm.init]), "seed": arm.seed,
         **TECHNIQUES[arm.technique].run_config(),
     }
     with log.open("a") as f:
@@ -204,11 +215,44 @@ def score(model: Path, sets: dict[str, Path], work: Path, log: Path, threads: in
     return out
 
 
+def largest_component_scores(pred: Path, truth: Path) -> dict[str, list[float]]:
+    """{phase: [Dice per case]} of the predictions under `pred` after keeping their largest component."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from client.prediction_evaluation import TruthLookup, find_predictions
+    from common.metrics import dice
+    from common.postprocessing import postprocess_mask
+
+    lookup, out = TruthLookup(truth), {}
+    for case_id, phase, file in find_predictions(pred):
+        mask, labels = lookup.find(case_id, phase)
+        if mask is None or phase not in REPORTED:
+            continue
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(mask)))
+        reference = np.isin(reference, labels) if labels else reference > 0
+        kept = postprocess_mask(sitk.GetArrayFromImage(sitk.ReadImage(str(file))), "largest-component")
+        out.setdefault(phase, []).append(dice(kept, reference))
+    return out
+
+
+def with_largest_component(result: dict, folder: Path, sets: dict[str, Path]) -> dict:
+    """`result` with the LARGEST_COMPONENT groups added (from the arm's kept predictions)."""
+    for group, truth in sets.items():
+        if group + LARGEST_COMPONENT not in result["scores"] and (folder / f"pred-{group}").is_dir():
+            result["scores"][group + LARGEST_COMPONENT] = largest_component_scores(folder / f"pred-{group}", truth)
+    return result
+
+
 def run_arm(arm: Arm, data: Path, sets: dict[str, Path], out: Path, budget: Budget) -> dict:
     folder = out / "arms" / arm.name
     result_file = folder / "scores.json"
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        if not all(group + LARGEST_COMPONENT in result["scores"] for group in sets):  # arms from before it
+            result = with_largest_component(result, folder, sets)
+            result_file.write_text(json.dumps(result, indent=1) + "\n")
+        return result
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "log.txt"
     started = time.perf_counter()
@@ -220,6 +264,7 @@ def run_arm(arm: Arm, data: Path, sets: dict[str, Path], out: Path, budget: Budg
     seconds = time.perf_counter() - started
     result = {"arm": arm.__dict__, "name": arm.name, "train_seconds": round(seconds, 1),
               "scores": score(model, sets, folder, log, budget.threads)}
+    result = with_largest_component(result, folder, sets)
     result_file.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -258,8 +303,14 @@ def write_results(results: list[dict], out: Path) -> None:
                                      a["init"], a["seed"], group, phase, f"{mean:.4f}", f"{sd:.4f}", n, r["train_seconds"]])
     phases = REPORTED
     lines = []
-    for group in GROUPS:
-        lines += [f"### {'held-out centre C' if group == 'C' else 'in-distribution test (A, B1, B2)'}", "",
+    titles = {"C": "held-out centre C", "in-distribution": "in-distribution test (A, B1, B2)"}
+    for group in [*GROUPS, *(g + LARGEST_COMPONENT for g in GROUPS)]:
+        if not any(group in r["scores"] for r in results):
+            continue
+        title = titles[group.removesuffix(LARGEST_COMPONENT)]
+        if group.endswith(LARGEST_COMPONENT):
+            title += ", the largest component kept on every phase"
+        lines += [f"### {title}", "",
                   "| arm | " + " | ".join(phases) + " | mean T1/T2/DWI | train s |",
                   "| --- | " + " | ".join("---" for _ in phases) + " | --- | --- |"]
         for r in results:
@@ -322,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-cases", type=int, default=3)
     parser.add_argument("--validation-cases", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="phantom and training seed")
-    parser.add_argument("--followup", default="propagation,cps,multi-sequence", metavar="TECHNIQUE,MODE,INIT",
+    parser.add_argument("--followup", default="propagation+no-mirror,cps,multi-sequence-no-mirror",
+                        metavar="TECHNIQUE,MODE,INIT",
                         help="the arm run again with a second seed and federated (default: the method's own)")
     parser.add_argument("--no-followups", action="store_true", help="skip the second seed and the federated run")
     args = parser.parse_args(argv)
