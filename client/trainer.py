@@ -65,7 +65,8 @@ class TrainerConfig:
     cps_gate: float = 0.0                      # cross term off until validation Dice reaches this (0: no gate)
     cps_gate_every: int = 25                   # iterations between validation checks while the gate is closed
     cps_strong_view: bool = False              # students see unlabeled samples through `strong_view_transforms`,
-                                               # teachers (no gradient) as nnU-Net augmented them
+                                               # teachers (no gradient) as nnU-Net augmented them; the cross
+                                               # term then covers unlabeled samples only (cps_on_labeled aside)
     balance_phases: bool = True                # batches draw a phase uniformly, then a volume of it
     labeled_share: float = 0.5                 # share of labeled draws on the truly labeled phase (GED4)
                                                # when propagated phases are labeled too (balance_phases)
