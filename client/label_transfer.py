@@ -15,13 +15,13 @@ right after the spatial transform (so nnU-Net's noise, blur, contrast and gamma 
 - `RandomBiasField`: a smooth multiplicative field (the exponential of a random cubic polynomial
   over the patch, TorchIO's `RandomBiasField`), on labeled and unlabeled samples: a centre's coils
   and field strength shade its images more or less than the training sites' do.
-- `RandomInPlaneTranspose`: swap the two in-plane axes.
+- `RandomInPlaneTranspose`: swap the two in-plane axes. Scanners store slices row- or column-major
+  and nnU-Net does not reorient, so a centre whose arrays are transposed shows the liver's shape
+  transposed; mirroring covers flips, this covers the swap.
 
 `strong_view_transforms` is the label-free part (bias field, GIN, a global random intensity curve):
 CPS's student may see an unlabeled sample through it while its teacher sees the sample as nnU-Net
-augmented it (`cps-strong-view`), so agreement has to hold across contrasts, not only within one. Scanners store slices row- or column-major
-  and nnU-Net does not reorient, so a centre whose arrays are transposed shows the liver's shape
-  transposed; mirroring covers flips, this covers the swap.
+augmented it (`cps-strong-view`), so agreement has to hold across contrasts, not only within one.
 
 Every transform draws from torch's global generator, which `BatchBuilder` seeds per sample, so a
 seed gives the same samples in any thread. Images are z-scored (c, z, y, x) float tensors; the
@@ -99,6 +99,12 @@ def random_intensity_curve(kind: str = "monotone", n_control: int = 4) -> tuple[
     return cx, (1.0 - cy) if kind == "inverted" else cy
 
 
+def _random_curve_map(values: torch.Tensor, kind: str) -> torch.Tensor:
+    """`values` (on [0, 1]) through a fresh random curve of `kind` (more control points when shuffled)."""
+    x, y = random_intensity_curve(kind, n_control=6 if kind == "random" else 4)
+    return apply_curve(values, x, y)
+
+
 def _curve_kind(p_invert: float, p_random: float = 0.0) -> str:
     u = float(torch.rand(()))
     return "random" if u < p_random else "inverted" if u < p_random + (1 - p_random) * p_invert else "monotone"
@@ -156,8 +162,7 @@ class LocationScaleIntensity(BasicTransform):
                                  (liver, _curve_kind(self.p_invert_liver))):
                 if not bool(region.any()):
                     continue
-                x, y = random_intensity_curve(kind, n_control=6 if kind == "random" else 4)
-                mapped[region] = _location_scale(apply_curve(unit[region], x, y))
+                mapped[region] = _location_scale(_random_curve_map(unit[region], kind))
             keep = unit <= self.background
             mapped[keep] = unit[keep]
             out[c] = _restandardize(mapped, image[c])
@@ -263,9 +268,7 @@ class RandomIntensityCurve(ImageOnlyTransform):
         out = torch.empty_like(img)
         for c in range(img.shape[0]):
             unit = _to_unit_range(img[c])
-            kind = _curve_kind(self.p_invert, self.p_random)
-            x, y = random_intensity_curve(kind, n_control=6 if kind == "random" else 4)
-            mapped = apply_curve(unit, x, y)
+            mapped = _random_curve_map(unit, _curve_kind(self.p_invert, self.p_random))
             keep = unit <= self.background
             mapped[keep] = unit[keep]
             out[c] = _restandardize(mapped, img[c])
