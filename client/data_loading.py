@@ -83,9 +83,11 @@ def deep_supervision_scales(strides: Sequence[Sequence[int]], num_outputs: int =
 
 
 def build_training_transforms(params: AugmentationParams, ds_scales: Sequence[Sequence[float]] | None,
-                              label_transfer: LabelTransferConfig | None = None, *, labeled: bool = True):
+                              label_transfer: LabelTransferConfig | None = None, *, labeled: bool = True,
+                              synthesis: Sequence = ()):
     """The batchgeneratorsv2 `ComposeTransforms` nnU-Net trains with (11 transforms + DS downsampling),
-    with the label-transfer transforms of `label_transfer` inserted after its spatial transform."""
+    with the label-transfer transforms of `label_transfer` inserted after its spatial transform and
+    `synthesis` (transforms that make an image of a crop, e.g. from a label map) before everything."""
     # By module path: nnunetv2's trainer lookup by name would import torchvision (broken in this stack).
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -96,6 +98,7 @@ def build_training_transforms(params: AugmentationParams, ds_scales: Sequence[Se
     )
     if label_transfer is not None:
         insert_after_spatial(compose, label_transfer_transforms(label_transfer, labeled))
+    compose.transforms[0:0] = list(synthesis)
     return compose
 
 
@@ -207,12 +210,14 @@ class BatchBuilder:
     `phase_weights` (with `balance_phases`): relative weight of a phase (missing phases: 1).
     `strong_view` (unlabeled): intensity transforms applied after nnU-Net's to a copy of each sample,
     which becomes `Batch.strong`; seeded from the sample's own seed, so it too is reproducible.
+    `transforms_by_phase`: {phase: pipeline} used instead of `transforms` for volumes of that phase
+    (label maps whose crops are turned into images, beside real volumes).
     """
 
     def __init__(self, volumes: Sequence, batch_size: int, params: AugmentationParams, transforms,
                  *, labeled: bool, seed: int, oversample_foreground: float = 0.33, augment: bool = True,
                  balance_phases: bool = False, phase_weights: Mapping[str, float] | None = None,
-                 strong_view=None):
+                 strong_view=None, transforms_by_phase: Mapping[str, object] | None = None):
         if not volumes:
             raise ValueError("BatchBuilder needs at least one volume")
         if batch_size < 1:
@@ -221,6 +226,7 @@ class BatchBuilder:
         self.batch_size = batch_size
         self.params = params
         self.transforms = transforms
+        self.transforms_by_phase = dict(transforms_by_phase or {})
         self.labeled = labeled
         self.oversample_foreground = oversample_foreground if labeled else 0.0
         self.augment = augment
@@ -254,8 +260,9 @@ class BatchBuilder:
         image, target = self.sampler.crop(data, seg, self.rng, fg)
         seed = int(self.rng.integers(2**31 - 1))
         if self.augment:
+            transforms = self.transforms_by_phase.get(volume.volume.phase, self.transforms)
             with _seeded_global_rng(seed), torch.no_grad():
-                out = self.transforms(image=image, segmentation=target)
+                out = transforms(image=image, segmentation=target)
             image, target = out["image"], out["segmentation"]
         else:
             target = torch.where(target < 0, torch.zeros_like(target), target)

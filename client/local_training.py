@@ -63,6 +63,7 @@ class LocalTrainingConfig:
     batch: int = int(default("batch-size"))
     unlabeled_batch: int | None = UNLABELED_BATCH  # None: `batch`
     lr: float = float(default("learning-rate"))
+    encoder_lr_scale: float = 1.0                # the encoder's lr relative to `lr` (TrainerConfig.encoder_lr_scale)
     lambda_max: float = float(default("cps-lambda-max"))
     rampup: int | None = None                    # CPS ramp-up iterations (None: 40% of `iterations`)
     cps_loss: str = "ce"                         # "ce" | "dice_ce"
@@ -245,7 +246,8 @@ def _train(config: LocalTrainingConfig, init: Path | None, device: torch.device,
     rampup = config.rampup if config.rampup is not None else (config.iterations * 2) // 5
     trainer_settings = trainer_config(config.run_settings(), device=str(device), patch_size=tuple(conf["patch_size"]),
                                       rampup_iterations=rampup, cps_loss=config.cps_loss, cps_gate=config.cps_gate,
-                                      log_every=config.log_every, pretrained=str(init) if init else None)
+                                      log_every=config.log_every, pretrained=str(init) if init else None,
+                                      encoder_lr_scale=config.encoder_lr_scale)
     try:
         trainer = CPSTrainer(plans, labeled, unlabeled, trainer_settings, validation=volumes.validation, log=log)
     except (ValueError, FileNotFoundError) as e:
@@ -268,6 +270,7 @@ def _train(config: LocalTrainingConfig, init: Path | None, device: torch.device,
         "batch_size": config.batch,
         "unlabeled_batch_size": config.unlabeled_batch or config.batch,
         "learning_rate": config.lr,
+        "encoder_lr_scale": config.encoder_lr_scale,
         "lambda_max": config.lambda_max,
         "rampup_iterations": rampup,
         "cps_loss": config.cps_loss,

@@ -73,6 +73,8 @@ class TrainerConfig:
     label_transfer: LabelTransferConfig = DEFAULT_LABEL_TRANSFER
     mirror_axes: tuple[int, ...] = field(default_factory=lambda: parse_mirror_axes(default("mirror-axes")))
                                                # patch axes nnU-Net's augmentation mirrors (nnU-Net: all three)
+    encoder_lr_scale: float = 1.0              # the encoder's learning rate relative to the rest (what a
+                                               # domain-randomised start knows lives there; 0: frozen)
     proximal_mu: float = 0.0                   # FedProx mu (0: off)
     oversample_foreground: float = 0.33        # nnU-Net: this fraction of labeled samples centred on liver
     augment: bool = True                       # nnU-Net's training transforms
@@ -168,11 +170,22 @@ def use_channels_last_convs(net: nn.Module) -> nn.Module:
     return net
 
 
+def _parameter_groups(net: nn.Module, encoder_lr_scale: float) -> list[dict]:
+    """One group (every parameter) or, with a scaled encoder, the encoder (`conv_blocks_context`) apart."""
+    if encoder_lr_scale == 1.0:
+        return [{"params": list(net.parameters())}]
+    encoder = [p for n, p in net.named_parameters() if n.startswith("conv_blocks_context.")]
+    rest = [p for n, p in net.named_parameters() if not n.startswith("conv_blocks_context.")]
+    return [{"params": encoder, "lr_scale": float(encoder_lr_scale)}, {"params": rest, "lr_scale": 1.0}]
+
+
 class CPSTrainer:
     """Two STU-Nets ("a", "b") trained with cross pseudo supervision; see the module docstring."""
 
     def __init__(self, plans: dict, labeled: Sequence, unlabeled: Sequence, config: TrainerConfig | None = None,
-                 *, validation: Sequence = (), log: LogFn | None = None):
+                 *, validation: Sequence = (), log: LogFn | None = None, synthesis: Mapping[str, Sequence] | None = None):
+        """`synthesis`: {phase: transforms} that turn each labeled crop of that phase into an image before
+        nnU-Net's pipeline (domain-randomised pretraining: crops of tissue label maps, `simulations.synthesis`)."""
         self.plans = plans
         self.config = config = config or TrainerConfig()
         self.log = log or print
@@ -199,8 +212,8 @@ class CPSTrainer:
                             if self.amp_dtype == torch.float16 and self.device.type == "cuda" else None)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # nnU-Net's setting: fixed patch shapes, fastest 3D conv kernels
-        self.optimizers = {b: torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=config.momentum,
-                                              weight_decay=config.weight_decay, nesterov=True)
+        self.optimizers = {b: torch.optim.SGD(_parameter_groups(net, config.encoder_lr_scale), lr=config.learning_rate,
+                                              momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
                            for b, net in self.nets.items()}
 
         conf = plans["configurations"][CONFIGURATION]
@@ -227,7 +240,10 @@ class CPSTrainer:
                 build_training_transforms(self.params, self.ds_scales, config.label_transfer, labeled=True),
                 labeled=True, seed=int(seeds[0].generate_state(1)[0]), balance_phases=config.balance_phases,
                 phase_weights=self._labeled_phase_weights(),
-                oversample_foreground=config.oversample_foreground, augment=config.augment)
+                oversample_foreground=config.oversample_foreground, augment=config.augment,
+                transforms_by_phase={phase: build_training_transforms(self.params, self.ds_scales, config.label_transfer,
+                                                                      labeled=True, synthesis=extra)
+                                     for phase, extra in (synthesis or {}).items()})
         if self.unlabeled:
             # Same pipeline; the all-zero segmentation is dropped, so no deep-supervision downsampling.
             self._unlabeled_builder = BatchBuilder(
@@ -337,7 +353,7 @@ class CPSTrainer:
 
         for b in BRANCHES:
             for group in self.optimizers[b].param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             self.optimizers[b].zero_grad(set_to_none=True)
         scaler = self.grad_scaler
         if scaler is None:

@@ -24,7 +24,7 @@ ROLES = ("train", "eval")
 #: pair pretrained on the multi-sequence public phantom set, `simulations/pretrain.py`), as the demo
 #: and `fedliver train` start from; any other size starts from random weights.
 AUTO_INIT = "auto"
-SHIPPED_PRETRAINING = Path("simulations") / "pretrained" / "stunet_T4_multiseq_nomirror.safetensors"
+SHIPPED_PRETRAINING = Path("simulations") / "pretrained" / "stunet_T4_synth.safetensors"
 
 
 def shipped_pretraining() -> Path | None:

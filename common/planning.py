@@ -116,7 +116,7 @@ def _adapt_configuration(conf: dict, config: PlanningConfig) -> dict:
 
 # --------------------------------------------------------------------------------------------- test plans
 def default_test_plans(patch_size=(16, 32, 32), spacing=(4.0, 3.0, 3.0), size: str = "T",
-                       base_width: int | None = None) -> dict:
+                       base_width: int | None = None, source: str = "default_test_plans") -> dict:
     """A valid plans dict without any fingerprint, for tests of inference and training.
 
     spacing is (z, y, x) in mm; patch_size (z, y, x) is rounded to the strides' products.
@@ -157,7 +157,7 @@ def default_test_plans(patch_size=(16, 32, 32), spacing=(4.0, 3.0, 3.0), size: s
             "0": {"max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0,
                   "percentile_00_5": -1.0, "percentile_99_5": 1.0, "std": 1.0}
         },
-        "fedliver": {"source": "default_test_plans"},
+        "fedliver": {"source": source},
     }
 
 

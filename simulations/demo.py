@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("cps", "supervised"), default=DemoConfig.mode)
     parser.add_argument("--seed", type=int, default=DemoConfig.seed)
     parser.add_argument("--init", type=Path, default=PRETRAINED_WEIGHTS,
-                        help="initial weights (default: the shipped pretraining, simulations/pretrained/stunet_T4_multiseq_nomirror.safetensors; 'none' for random)")
+                        help="initial weights (default: the shipped pretraining, simulations/pretrained/stunet_T4_synth.safetensors; 'none' for random)")
     parser.add_argument("--resume", action="store_true", help="continue the run folder after its last complete round")
     parser.add_argument("--gpus-per-node", type=float, default=None, metavar="G",
                         help="GPUs Ray gives each site (default: 0 without CUDA, else 1 / sites per GPU)")

@@ -1,15 +1,23 @@
 """Pretrain the demo's STU-Net pair on public-like sets, as the method starts from pretrained weights.
 
-    python -m simulations.pretrain --threads 1  # stunet_T4_multiseq_nomirror.safetensors: the default start
+    python -m simulations.pretrain --generator label-maps --maps 64 --iterations 4000 --threads 1 \
+        --init simulations/pretrained/stunet_T4_multiseq_nomirror.safetensors --out stage1.safetensors
+    python -m simulations.pretrain --generator label-maps --maps 128 --iterations 4000 --lr 0.005 --threads 1 \
+        --init stage1.safetensors   # stunet_T4_synth.safetensors: the default start (domain-randomised,
+                                    # `simulations.synthesis`; the JSON beside it holds both stages)
+    python -m simulations.pretrain --generator phantoms --threads 1 \
+        --out simulations/pretrained/stunet_T4_multiseq_nomirror.safetensors  # the start before it
                                         # (16 subjects x T1CE, T1, T2, DWI; 1000 its, no mirroring; 38 min)
-    python -m simulations.pretrain --mirror-axes 0,1,2 \
+    python -m simulations.pretrain --generator phantoms --mirror-axes 0,1,2 \
         --out simulations/pretrained/stunet_T4_multiseq.safetensors     # the earlier start (nnU-Net's mirroring)
-    python -m simulations.pretrain --sequences T1CE --iterations 500 \
+    python -m simulations.pretrain --generator phantoms --sequences T1CE --iterations 500 \
         --out simulations/pretrained/stunet_T4_atlas.safetensors       # ATLAS-like only (T1CE)
-    python -m simulations.pretrain --sequences T1CE --label-transfer --cases 32 --iterations 2000 \
+    python -m simulations.pretrain --generator phantoms --sequences T1CE --label-transfer --cases 32 --iterations 2000 \
         --out simulations/pretrained/stunet_T4_atlas_lt.safetensors    # with the label-transfer augmentations
 
-Generates the public set (what `fedliver atlas --sequences` writes: ATLAS-like contrast-enhanced T1,
+--generator label-maps (the default): images drawn from phantom tissue label maps at every sample
+(`simulations.synthesis`: SynthSeg-style domain randomisation), optionally with the real labeled
+scans of --extra-data. --generator phantoms: generates the public set (what `fedliver atlas --sequences` writes: ATLAS-like contrast-enhanced T1,
 and by default also the non-contrast sequences public abdominal MRI collections label: T1, T2, DWI),
 trains as `fedliver train --pretrain` does (`client.local_training.train_locally`: supervised, liver
 = labels 1 and 2), optionally with the label-transfer
@@ -37,6 +45,7 @@ from simulations.phantoms import generate_atlas_tree
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / SHIPPED_PRETRAINING  # what the demo, `fedliver train` and init-weights "auto" start from
+PHANTOM_OUT = REPO / "simulations" / "pretrained" / "stunet_T4_multiseq_nomirror.safetensors"  # the start before it
 #: Label transfer during pretraining: every augmentation, often (the shape prior is the point).
 PRETRAIN_LABEL_TRANSFER = LabelTransferConfig(location_scale=0.5, non_contrast=0.25, random_conv=0.25, transpose=0.5)
 
@@ -76,11 +85,68 @@ def pretrain(out: Path, *, cases: int, iterations: int, base_width: int, seed: i
     return provenance
 
 
+def _provenance_of(init: Path | None) -> dict | None:
+    """The start's own command, cost and hash, when it is a pretrained file with a provenance JSON (a chain of stages)."""
+    if init is None or not Path(init).with_suffix(".json").is_file():
+        return None
+    earlier = json.loads(Path(init).with_suffix(".json").read_text())
+    return {k: earlier.get(k) for k in ("command", "iterations", "train_seconds", "sha256", "init", "init_provenance")}
+
+
+def pretrain_label_maps(out: Path, *, maps: int, iterations: int, base_width: int, seed: int, work: Path,
+                        init: Path | None, extra_data: tuple[Path, ...] = (), exclude: tuple[str, ...] = (),
+                        threads: int | None = None, model_dir: Path | None = None, learning_rate: float = 0.01) -> dict:
+    """The domain-randomised start (`simulations.synthesis`): a pair file and its provenance JSON."""
+    from simulations.synthesis.pretraining import DomainRandomisedPretraining, pretrain_on_label_maps
+
+    model = model_dir or work / "model"
+    info = pretrain_on_label_maps(DomainRandomisedPretraining(
+        out=model, work=work, maps=maps, iterations=iterations, base_width=base_width, seed=seed, init=init,
+        extra_data=extra_data, exclude_cases=exclude, threads=threads, learning_rate=learning_rate))
+    pair = {f"{b}.{k}": v for b, state in load_model_dir(model).branches.items() for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(pair, out)
+    extra = f" --extra-data {','.join(map(str, extra_data))}" if extra_data else ""
+    extra += f" --exclude {','.join(exclude)}" if exclude else ""
+    provenance = {
+        "what": "STU-Net pair (branches a and b from different seeds, heads included) pretrained on images drawn "
+                "at every sample from phantom tissue label maps (domain randomisation, SynthSeg-style)"
+                + (" and on the real scans of --extra-data" if extra_data else ""),
+        "command": f"python -m simulations.pretrain --generator label-maps --maps {maps} --iterations {iterations} "
+                   f"--base-width {base_width} --seed {seed} --lr {learning_rate}"
+                   + (f" --init {Path(init).name}" if init else " --init none") + extra + f" --out {out.name}",
+        **{k: info[k] for k in ("generator", "maps", "seed", "size", "base_width", "iterations", "patch_size",
+                                "spacing", "batch_size", "learning_rate", "synthesis", "label_maps", "mirror_axes",
+                                "extra_volumes", "excluded_cases")},
+        "init": Path(init).name if init else None,
+        "init_provenance": _provenance_of(init),
+        "train_seconds": info["seconds"], "seconds_per_iteration": info["seconds_per_iteration"],
+        "threads": threads,
+        "plans": json.loads((model / "plans.json").read_text()),
+        "sha256": sha256_file(out),
+    }
+    out.with_suffix(".json").write_text(json.dumps(provenance, indent=1) + "\n")
+    return provenance
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"default: {DEFAULT_OUT.name} (label-maps), {PHANTOM_OUT.name} (phantoms)")
+    parser.add_argument("--generator", choices=("label-maps", "phantoms"), default="label-maps",
+                        help="label-maps: images drawn from tissue label maps at every sample (domain randomisation, "
+                             "the default start); phantoms: the rendered public phantom set (the earlier starts)")
+    parser.add_argument("--maps", type=int, default=48, help="label maps (patients) of --generator label-maps")
+    parser.add_argument("--init", default="none", help='label-maps: a pair file or MODEL_DIR to start from ("none")')
+    parser.add_argument("--extra-data", default="",
+                        help="label-maps: nnU-Net raw datasets (comma-separated) whose liver label (found by name "
+                             "in dataset.json) also trains, e.g. CHAOS or AMOS-MRI")
+    parser.add_argument("--exclude", default="", help="extra-data cases (comma-separated ids) left out")
+    parser.add_argument("--lr", type=float, default=0.01, help="label-maps: initial learning rate of the poly schedule")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="label-maps: keep label maps, preprocessed extra data and the MODEL_DIR here")
     parser.add_argument("--cases", type=int, default=16)
-    parser.add_argument("--iterations", type=int, default=1000)
+    parser.add_argument("--iterations", type=int, default=None, help="default: 3000 (label-maps), 1000 (phantoms)")
     parser.add_argument("--base-width", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sequences", default="T1CE,T1,T2,DWI",
@@ -93,6 +159,19 @@ def main(argv: list[str] | None = None) -> int:
                              'stunet_T4_multiseq and the ATLAS-like pairs were made)')
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    args.out = args.out or (DEFAULT_OUT if args.generator == "label-maps" else PHANTOM_OUT)
+    if args.generator == "label-maps":
+        split = lambda text: tuple(v.strip() for v in text.split(",") if v.strip())  # noqa: E731
+        with tempfile.TemporaryDirectory(prefix="fedliver-pretrain-") as tmp:
+            work = args.work or Path(tmp)
+            provenance = pretrain_label_maps(
+                args.out, maps=args.maps, iterations=args.iterations or 3000, base_width=args.base_width,
+                seed=args.seed, work=work, init=None if args.init == "none" else Path(args.init),
+                extra_data=tuple(Path(p) for p in split(args.extra_data)), exclude=split(args.exclude),
+                threads=args.threads, learning_rate=args.lr)
+        print(json.dumps({k: v for k, v in provenance.items() if k != "plans"}, indent=1))
+        return 0
+    args.iterations = args.iterations or 1000
     with tempfile.TemporaryDirectory(prefix="fedliver-pretrain-") as work:
         provenance = pretrain(
             args.out, cases=args.cases, iterations=args.iterations, base_width=args.base_width, seed=args.seed,

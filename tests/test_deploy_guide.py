@@ -265,7 +265,7 @@ def test_guide_executes_on_loopback(tmp_path: Path) -> None:
             "run-dir": str(run_dir), "num-server-rounds": 1, "local-iterations": 1, "node-wait": 40,
             "round-timeout": 300, "evaluate-train-sites": False, "evaluate-step": 1.0})
         out = shell.run("submit-check", adapt(the_block("submit-check"), at_state), tmp_path)
-        assert "stunet_T4_multiseq_nomirror.safetensors (shipped pretraining" in out, out
+        assert "stunet_T4_synth.safetensors (shipped pretraining" in out, out
         assert "not online now: A, B1, B2, C" in out, out
 
         for site, role in HOSPITALS.items():
@@ -323,7 +323,7 @@ def test_guide_executes_on_loopback(tmp_path: Path) -> None:
         named = [t for t, line in lines if re.search(r"waiting for B2 \(3 of 4 connected, \d+ s left\)", line)]
         assert named, out
         timings["B2 named, seconds after fedliver submit started"] = named[0]
-        assert re.search(r"initial weights: \S+stunet_T4_multiseq_nomirror.safetensors \(shipped", out), out
+        assert re.search(r"initial weights: \S+stunet_T4_synth.safetensors \(shipped", out), out
         assert "going on without B2" in out and "WARNING site ?" not in out, out
 
         out = shell.run("status-after", adapt(the_block("status"), at_state), tmp_path)
@@ -347,7 +347,7 @@ def test_guide_executes_on_loopback(tmp_path: Path) -> None:
         assert 0.0 <= scores["dice"] <= 1.0 and scores["hd95"] >= 0.0
     _assert_float16_both_ways(report, run_dir, entry)
     assert report["initial_weights"]["setting"] == "auto"
-    assert report["initial_weights"]["file"].endswith("simulations/pretrained/stunet_T4_multiseq_nomirror.safetensors")
+    assert report["initial_weights"]["file"].endswith("simulations/pretrained/stunet_T4_synth.safetensors")
     assert len(report["initial_weights"]["sha256"]) == 64
 
 

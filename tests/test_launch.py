@@ -399,7 +399,7 @@ def test_shipped_run_settings_pass(tmp_path: Path) -> None:
     assert settings.ok, settings.problems
     assert settings.sites == (("A", "train"), ("B1", "train"), ("B2", "train"), ("C", "eval"))
     assert settings.init_note.endswith("(shipped pretraining, init-weights auto)")
-    assert "simulations/pretrained/stunet_T4_multiseq_nomirror.safetensors" in settings.summary()
+    assert "simulations/pretrained/stunet_T4_synth.safetensors" in settings.summary()
 
 
 def test_run_settings_problems_one_line_each(tmp_path: Path) -> None:
@@ -462,7 +462,7 @@ def test_init_weights_auto_follows_the_net_size(tmp_path: Path) -> None:
     from common.federation_config import resolve_init_weights
 
     path, note = resolve_init_weights("auto", "T", 4)
-    assert path is not None and path.is_absolute() and path.name == "stunet_T4_multiseq_nomirror.safetensors"
+    assert path is not None and path.is_absolute() and path.name == "stunet_T4_synth.safetensors"
     assert resolve_init_weights("auto", "B", None)[0] is None  # no shipped file for the published sizes
     assert resolve_init_weights("none", "T", 4) == (None, "random (init-weights is empty)")
     with pytest.raises(ValueError, match="not found on this host"):

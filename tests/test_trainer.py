@@ -243,7 +243,7 @@ def test_fedliver_train_writes_model_dir(tmp_path, capsys):
     # labeled: 2 GED4 + their cases' T2 under the propagated GED4 mask (the default);
     # unlabeled: the unlabeled case's T2 and GED4
     assert info["propagate_labels"] and info["num_labeled"] == 4 and info["num_unlabeled"] == 2
-    assert "initial weights: " in printed and info["init"].endswith("stunet_T4_multiseq_nomirror.safetensors")
+    assert "initial weights: " in printed and info["init"].endswith("stunet_T4_synth.safetensors")
     assert info["stats"]["seconds_per_iteration"] > 0 and set(info["branch_agreement"]) == {"GED4", "T2"}
     assert (tmp_path / "runs" / "cache").is_dir()  # default cache: <out>/../cache
 

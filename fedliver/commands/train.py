@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="supervised pretraining on every labeled volume (ATLAS-like nnU-Net raw set)")
     parser.add_argument("--init", type=Path, default=None, metavar="PRETRAINED",
                         help="initial body weights for both nets: a MODEL_DIR (branch a) or .pth/.model/.safetensors "
-                             "(default: the shipped pretraining, stunet_T4_multiseq_nomirror, for the CPU net, --size T --base-width 4, "
+                             "(default: the shipped pretraining, stunet_T4_synth, for the CPU net, --size T --base-width 4, "
                              "as the demo; else random; 'none': random)")
     parser.add_argument("--iterations", type=int, default=D["iterations"],
                         help=f"training iterations (default {D['iterations']})")
@@ -95,6 +95,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"unlabeled samples per CPS iteration (default {UNLABELED_BATCH}, as the demo)")
     parser.add_argument("--lr", type=float, default=D["lr"],
                         help=f"initial learning rate of the poly schedule (default {D['lr']})")
+    parser.add_argument("--encoder-lr-scale", type=float, default=D["encoder_lr_scale"],
+                        help="the encoder's learning rate relative to --lr (0: frozen; default "
+                             f"{D['encoder_lr_scale']}; measured on real MRI, not adopted: README 'Real MRI')")
     parser.add_argument("--lambda-max", type=float, default=D["lambda_max"],
                         help=f"CPS weight after ramp-up (default {D['lambda_max']})")
     parser.add_argument("--rampup", type=int, default=D["rampup"],
@@ -149,7 +152,7 @@ def config_from_args(args: argparse.Namespace) -> LocalTrainingConfig:
         data=args.data, out=args.out, centers=tuple(args.centers) if args.centers is not None else None,
         mode=args.mode, pretrain=args.pretrain, init=args.init, iterations=args.iterations, size=args.size,
         base_width=args.base_width, patch=tuple(args.patch), batch=args.batch, unlabeled_batch=args.unlabeled_batch,
-        lr=args.lr, lambda_max=args.lambda_max, rampup=args.rampup, cps_loss=args.cps_loss,
+        lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, lambda_max=args.lambda_max, rampup=args.rampup, cps_loss=args.cps_loss,
         cps_confidence=args.cps_confidence, cps_strong_view=args.cps_strong_view, cps_gate=args.cps_gate, propagate_labels=args.propagate_labels,
         balance_phases=args.balance_phases, mirror_axes=tuple(args.mirror_axes),
         label_transfer=label_transfer_from_args(args), unlabeled_phases=tuple(args.unlabeled_phases), seed=args.seed,

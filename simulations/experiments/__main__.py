@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from simulations.experiments import aggregation, cross_phase
+from simulations.experiments import aggregation, cross_phase, real_mri, start_retention
 
 EXPERIMENTS = {"cross-phase": cross_phase.main, "robust-aggregation": aggregation.robust_main,
-               "dp-cost": aggregation.dp_main}
+               "dp-cost": aggregation.dp_main, "real-mri": real_mri.main,
+               "start-retention": start_retention.main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,9 @@ INITS = {"plain": PRETRAINED / "stunet_T4_atlas.safetensors",
          "label-transfer": PRETRAINED / "stunet_T4_atlas_lt.safetensors",
          "multi-sequence": PRETRAINED / "stunet_T4_multiseq.safetensors",
          # The same set and budget, pretrained without mirroring (as the sites train: RAS, no flips).
-         "multi-sequence-no-mirror": PRETRAINED / "stunet_T4_multiseq_nomirror.safetensors"}
+         "multi-sequence-no-mirror": PRETRAINED / "stunet_T4_multiseq_nomirror.safetensors",
+         # Images drawn from label maps at every sample (domain randomisation): the default start.
+         "domain-randomised": PRETRAINED / "stunet_T4_synth.safetensors"}
 COMBINATION = LabelTransferConfig(location_scale=0.5, non_contrast=0.25, random_conv=0.25, transpose=0.5)
 
 
