@@ -1,10 +1,9 @@
 """Pretrain the demo's STU-Net pair on public-like sets, as the method starts from pretrained weights.
 
-    python -m simulations.pretrain --generator label-maps --maps 64 --iterations 4000 --threads 1 \
-        --init simulations/pretrained/stunet_T4_multiseq_nomirror.safetensors --out stage1.safetensors
-    python -m simulations.pretrain --generator label-maps --maps 128 --iterations 4000 --lr 0.005 --threads 1 \
-        --init stage1.safetensors   # stunet_T4_synth.safetensors: the default start (domain-randomised,
-                                    # `simulations.synthesis`; the JSON beside it holds both stages)
+    python -m simulations.pretrain --threads 1   # = --generator label-maps --maps 64 --iterations 4000
+        --init simulations/pretrained/stunet_T4_multiseq_nomirror.safetensors
+        --out simulations/pretrained/stunet_T4_synth.safetensors     # the default start (domain-randomised,
+                                        # `simulations.synthesis`; 42 min on 1 thread; its JSON holds the init's too)
     python -m simulations.pretrain --generator phantoms --threads 1 \
         --out simulations/pretrained/stunet_T4_multiseq_nomirror.safetensors  # the start before it
                                         # (16 subjects x T1CE, T1, T2, DWI; 1000 its, no mirroring; 38 min)
@@ -136,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generator", choices=("label-maps", "phantoms"), default="label-maps",
                         help="label-maps: images drawn from tissue label maps at every sample (domain randomisation, "
                              "the default start); phantoms: the rendered public phantom set (the earlier starts)")
-    parser.add_argument("--maps", type=int, default=48, help="label maps (patients) of --generator label-maps")
-    parser.add_argument("--init", default="none", help='label-maps: a pair file or MODEL_DIR to start from ("none")')
+    parser.add_argument("--maps", type=int, default=64, help="label maps (patients) of --generator label-maps")
+    parser.add_argument("--init", default=str(PHANTOM_OUT),
+                        help='label-maps: a pair file or MODEL_DIR to start from ("none": random; default: the '
+                             'phantom start, stunet_T4_multiseq_nomirror)')
     parser.add_argument("--extra-data", default="",
                         help="label-maps: nnU-Net raw datasets (comma-separated) whose liver label (found by name "
                              "in dataset.json) also trains, e.g. CHAOS or AMOS-MRI")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None,
                         help="label-maps: keep label maps, preprocessed extra data and the MODEL_DIR here")
     parser.add_argument("--cases", type=int, default=16)
-    parser.add_argument("--iterations", type=int, default=None, help="default: 3000 (label-maps), 1000 (phantoms)")
+    parser.add_argument("--iterations", type=int, default=None, help="default: 4000 (label-maps), 1000 (phantoms)")
     parser.add_argument("--base-width", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sequences", default="T1CE,T1,T2,DWI",
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="fedliver-pretrain-") as tmp:
             work = args.work or Path(tmp)
             provenance = pretrain_label_maps(
-                args.out, maps=args.maps, iterations=args.iterations or 3000, base_width=args.base_width,
+                args.out, maps=args.maps, iterations=args.iterations or 4000, base_width=args.base_width,
                 seed=args.seed, work=work, init=None if args.init == "none" else Path(args.init),
                 extra_data=tuple(Path(p) for p in split(args.extra_data)), exclude=split(args.exclude),
                 threads=args.threads, learning_rate=args.lr)

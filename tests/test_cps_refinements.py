@@ -13,7 +13,7 @@ from client.losses import CrossPseudoLoss, confident_mask
 from client.trainer import CPSTrainer, TrainerConfig
 from common.label_transfer_config import LabelTransferConfig
 from common.preprocessing import PreprocessingCache
-from test_data_loading import _liver_case
+from test_data_loading import small_liver_cases
 from test_trainer import PATCH, _equal_weights, _quiet, _tiny_plans
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,7 +59,7 @@ def volumes(tmp_path_factory):
     root = tmp_path_factory.mktemp("refinements")
     plans = _tiny_plans()
     cache = PreprocessingCache(root / "cache", plans)
-    cases = [_liver_case(root / "raw", f"000{i}-A", shape=(20, 40, 40), radius=(4, 8, 8), seed=i) for i in range(4)]
+    cases = small_liver_cases(root, 4)
     return {"plans": plans,
             "labeled": [cache.get(c, "GED4", with_mask=True) for c in cases[:2]],
             # 3 T2 volumes and one GED4: uniform drawing shows T2 three times as often

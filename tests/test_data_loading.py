@@ -43,6 +43,11 @@ def _liver_case(folder: Path, name: str, shape=(24, 48, 48), radius=(6, 10, 9), 
     return Case(name, "A", None, {"GED4": ged4, "T2": t2}, {"GED4": seg})
 
 
+def small_liver_cases(root: Path, count: int) -> list[Case]:
+    """`count` small ellipsoid-liver cases (20x40x40) under root/raw: what trainer tests learn on."""
+    return [_liver_case(root / "raw", f"000{i}-A", shape=(20, 40, 40), radius=(4, 8, 8), seed=i) for i in range(count)]
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("loading")

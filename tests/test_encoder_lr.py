@@ -7,7 +7,7 @@ import torch
 
 from client.trainer import CPSTrainer, TrainerConfig
 from common.preprocessing import PreprocessingCache
-from test_data_loading import _liver_case
+from test_data_loading import small_liver_cases
 from test_trainer import _quiet, _tiny_plans
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,8 +18,7 @@ def labeled(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoder-lr")
     plans = _tiny_plans()
     cache = PreprocessingCache(root / "cache", plans)
-    cases = [_liver_case(root / "raw", f"000{i}-A", shape=(20, 40, 40), radius=(4, 8, 8), seed=i) for i in range(2)]
-    return plans, [cache.get(c, "GED4", with_mask=True) for c in cases]
+    return plans, [cache.get(c, "GED4", with_mask=True) for c in small_liver_cases(root, 2)]
 
 
 def _trained(plans, volumes, scale: float) -> tuple[dict, dict]:

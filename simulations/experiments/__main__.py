@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from simulations.experiments import aggregation, cross_phase, real_mri, start_retention
+from simulations.experiments import aggregation, cross_phase, real_mri
 
 EXPERIMENTS = {"cross-phase": cross_phase.main, "robust-aggregation": aggregation.robust_main,
-               "dp-cost": aggregation.dp_main, "real-mri": real_mri.main,
-               "start-retention": start_retention.main}
+               "dp-cost": aggregation.dp_main, "real-mri": real_mri.main}
 
 
 def main(argv: list[str] | None = None) -> int:

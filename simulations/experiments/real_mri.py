@@ -188,12 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, RuntimeError) as e:
             print(" ".join(str(e).split()), file=sys.stderr)
             return 1
-    with (args.out / "results.csv").open("w", newline="") as f:
+    with (args.out / "results.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["model", "case", "phase", "dice", "hd95"])
         writer.writeheader()
         writer.writerows({**r, "dice": f"{r['dice']:.4f}", "hd95": f"{r['hd95']:.2f}"} for r in rows)
     table = format_table(rows, args.data)
-    (args.out / "table.md").write_text(table)
+    (args.out / "table.md").write_text(table, encoding="utf-8")
     overlays = write_overlays(rows, args.data, args.out)
     print(table)
     print(f"{len(rows)} volume(s) scored -> {args.out / 'results.csv'}, {args.out / 'table.md'}, "
