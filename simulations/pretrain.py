@@ -65,7 +65,7 @@ def pretrain(out: Path, *, cases: int, iterations: int, base_width: int, seed: i
     pair = {f"{b}.{k}": v for b, state in load_model_dir(model).branches.items() for k, v in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(pair, out)
-    info = json.loads((model / "info.json").read_text()) if (model / "info.json").exists() else {}
+    info = json.loads((model / "info.json").read_text(encoding="utf-8")) if (model / "info.json").exists() else {}
     flag = (" --label-transfer" if label_transfer.enabled else "") + f" --sequences {sequences}"
     flag += f" --mirror-axes '{','.join(map(str, mirror_axes))}'"
     provenance = {
@@ -88,7 +88,7 @@ def _provenance_of(init: Path | None) -> dict | None:
     """The start's own command, cost and hash, when it is a pretrained file with a provenance JSON (a chain of stages)."""
     if init is None or not Path(init).with_suffix(".json").is_file():
         return None
-    earlier = json.loads(Path(init).with_suffix(".json").read_text())
+    earlier = json.loads(Path(init).with_suffix(".json").read_text(encoding="utf-8"))
     return {k: earlier.get(k) for k in ("command", "iterations", "train_seconds", "sha256", "init", "init_provenance")}
 
 
@@ -121,7 +121,7 @@ def pretrain_label_maps(out: Path, *, maps: int, iterations: int, base_width: in
         "init_provenance": _provenance_of(init),
         "train_seconds": info["seconds"], "seconds_per_iteration": info["seconds_per_iteration"],
         "threads": threads,
-        "plans": json.loads((model / "plans.json").read_text()),
+        "plans": json.loads((model / "plans.json").read_text(encoding="utf-8")),
         "sha256": sha256_file(out),
     }
     out.with_suffix(".json").write_text(json.dumps(provenance, indent=1) + "\n")

@@ -55,7 +55,7 @@ def test_real_mri_scores_every_model_per_case(tmp_path):
     assert real_mri.main(["--data", str(data), "--models", f"tuned={model},{start}", "--out", str(out),
                           "--threads", "1"]) == 0
 
-    with (out / "results.csv").open() as f:
+    with (out / "results.csv").open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["model", "case", "phase", "dice", "hd95"]
     assert sorted({r["model"] for r in rows}) == ["start", "tuned"]
@@ -64,10 +64,10 @@ def test_real_mri_scores_every_model_per_case(tmp_path):
     by_model = {m: [float(r["dice"]) for r in rows if r["model"] == m] for m in ("start", "tuned")}
     assert by_model["start"] == by_model["tuned"]
     # Scored against the liver only (label 2 by name), as `fedliver evaluate` does.
-    evaluation = json.loads((out / "pred" / "tuned" / "evaluation.json").read_text())
+    evaluation = json.loads((out / "pred" / "tuned" / "evaluation.json").read_text(encoding="utf-8"))
     assert float(rows[0]["dice"]) == pytest.approx(evaluation["cases"][rows[0]["case"]]["T2"]["dice"], abs=1e-4)
 
-    table = (out / "table.md").read_text()
+    table = (out / "table.md").read_text(encoding="utf-8")
     worst = min(by_model["tuned"])
     assert "| tuned | T2 | 4 |" in table and f"{worst:.3f} |" in table
     overlays = sorted(p.name for p in (out / "overlays").glob("*.png"))

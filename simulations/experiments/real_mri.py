@@ -58,7 +58,7 @@ def model_dir_of(path: Path, work: Path) -> Path:
     from simulations.synthesis.pretraining import pretraining_plans
 
     provenance_file = path.with_suffix(".json")
-    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
+    provenance = json.loads(provenance_file.read_text(encoding="utf-8")) if provenance_file.is_file() else {}
     state = read_checkpoint(path)
     branches: dict[str, dict] = {}
     for key, tensor in state.items():
@@ -87,7 +87,7 @@ def score_model(name: str, path: Path, data: Path, out: Path, threads: int | Non
         if predict(PredictConfig(input=data, output=pred, model=model, threads=threads)) not in (0, 1):
             raise RuntimeError(f"{name}: fedliver predict failed")
         evaluate_predictions(EvaluateConfig(pred=pred, truth=data, json=scores))
-    report = json.loads(scores.read_text())
+    report = json.loads(scores.read_text(encoding="utf-8"))
     return [{"model": name, "case": case, "phase": phase, "dice": m["dice"], "hd95": m["hd95"]}
             for case, phases in sorted(report["cases"].items()) for phase, m in sorted(phases.items())]
 

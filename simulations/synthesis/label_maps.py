@@ -141,7 +141,7 @@ def write_label_maps(out: Path, count: int, seed: int, config: LabelMapConfig = 
         stem = out / f"synth{i:04d}"
         files = [Path(f"{stem}{s}") for s in (".npy", "_seg.npy", "_fg.npy", ".json")]
         key = {"seed": seed, "index": i, "config": json.loads(json.dumps(asdict(config)))}
-        done = files[3].is_file() and json.loads(files[3].read_text()).get("key") == key
+        done = files[3].is_file() and json.loads(files[3].read_text(encoding="utf-8")).get("key") == key
         if not done:
             labels_img, liver_img = render_label_map(seed, i, config)
             labels, liver = _ras_array(labels_img)[None], _ras_array(liver_img)[None].astype(np.int8)
