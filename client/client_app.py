@@ -5,7 +5,8 @@ Messages it answers (the server drives them in this order):
 - `query.fingerprint` -> the site's mergeable fingerprint (aggregate statistics only)
 - `train`             -> local CPS from the global pair; both branches back, with numeric metrics
 - `evaluate`          -> per-phase Dice and HD95 of the global model: on the test split (every case
-                         at a held-out site) and, prefixed "val-", on the validation split's GED4
+                         at a held-out site) and, prefixed "val-", on the validation split's
+                         labeled phases (run config `labeled-phases`; GED4 at a LiQA site)
 
 Every reply holds arrays with the global model's keys and numbers; nothing pickled, no voxels.
 In deployment each message starts a fresh process: everything lasting sits in the site's cache
@@ -31,7 +32,7 @@ from client.site import SiteData, resolve_identity
 from client.trainer import CPSTrainer, TrainerConfig
 from common.device import describe, resolve_device
 from common.federation_config import parse_sites
-from common.phases import parse_phase_list
+from common.phases import parse_labeled_phases, parse_phase_list
 from common.fingerprint import FingerprintConfig
 from common.planning import plans_hash
 from common.postprocessing import Postprocessing
@@ -62,8 +63,12 @@ def setting(config: Mapping[str, object], key: str) -> object:
     return config[key] if key in config else schema.default(key)
 
 
-def _site(context: Context) -> SiteData:
-    return SiteData(resolve_identity(context.node_config, context.run_config))
+def _site(context: Context, config: Mapping[str, object] | None = None) -> SiteData:
+    """The node's site. Its labeled phases: run config `labeled-phases` as a train or evaluate
+    message's `config` carries it, else as the run config says (identify, fingerprint)."""
+    source = config if config is not None and "labeled-phases" in config else context.run_config
+    labeled = parse_labeled_phases(str(setting(source, "labeled-phases")))
+    return SiteData(resolve_identity(context.node_config, context.run_config), labeled_phases=labeled)
 
 
 def site_device(site: str, node_config: Mapping[str, object], run_config: Mapping[str, object]) -> torch.device:
@@ -150,7 +155,8 @@ def identify(msg: Message, context: Context) -> Message:
             "problems": len(site.index.problems),
         }
     )
-    identity = ConfigRecord({"site": site.identity.site, "role": site.identity.role})
+    identity = ConfigRecord({"site": site.identity.site, "role": site.identity.role,
+                             "labeled-phases": ",".join(site.labeled_phases)})  # what its masks label
     return Message(RecordDict({"identity": identity, "counts": counts, **_simulation(context)}), reply_to=msg)
 
 
@@ -191,11 +197,11 @@ def simulated_adversary_mod(msg: Message, ctxt: Context, call_next: ClientAppCal
 # hostile site skips clipping; Flower's clipping sees the update as trained.
 @app.train(mods=[update_encoding_mod, simulated_adversary_mod, central_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    site = _site(context)
+    config = msg.content["config"]
+    site = _site(context, config)
     device = site_device(site.identity.site, context.node_config, context.run_config)  # before any work
     if device.type == "cuda":
         _log(site, f"training on {describe(device)}, mixed precision fp16")
-    config = msg.content["config"]
     plans, local_hash = _verified_plans(config)
 
     volumes = site_volumes([site], plans, include_unlabeled=str(setting(config, "mode")) == "cps",
@@ -213,7 +219,8 @@ def train(msg: Message, context: Context) -> Message:
             branch, _, name = key.partition(".")
             branches[branch][name] = value
 
-    trainer = CPSTrainer(plans, volumes.labeled, volumes.unlabeled, _trainer_config(config, device))
+    trainer = CPSTrainer(plans, volumes.labeled, volumes.unlabeled,
+                         _trainer_config(config, device, labeled_phases=volumes.labeled_phases))
     trainer.cross_term_enabled = bool(config.get("cps-enabled", True))  # the server's validation gate
     reference = to_torch(branches)
     trainer.load_state_dicts(reference)
@@ -258,21 +265,24 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _trainer_config(config: ConfigRecord, device: torch.device | str = "cpu") -> TrainerConfig:
+def _trainer_config(config: ConfigRecord, device: torch.device | str = "cpu", *,
+                    labeled_phases: tuple[str, ...] | None = None) -> TrainerConfig:
     """The round's trainer settings from the train message's config (run-config names, mapped by
-    client.pipeline.trainer_config); the ramp-up and the seed follow the round."""
+    client.pipeline.trainer_config); the ramp-up and the seed follow the round; `labeled_phases`:
+    the phases of the site's truly labeled volumes (None: TrainerConfig's GED4)."""
     return trainer_config(
         config, device=str(device),
         rampup_iterations=int(setting(config, "cps-rampup-rounds")) * int(setting(config, "local-iterations")),
         seed=int(setting(config, "seed")) + 1000 * int(config["server-round"]),  # each round samples anew
+        **({"labeled_phases": labeled_phases} if labeled_phases else {}),
     )
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    site = _site(context)
-    device = site_device(site.identity.site, context.node_config, context.run_config)
     config = msg.content["config"]
+    site = _site(context, config)
+    device = site_device(site.identity.site, context.node_config, context.run_config)
     plans, _ = _verified_plans(config)
     branches = to_torch(unflatten(from_arrayrecord(msg.content["arrays"])))
     nets = []

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from common.federation_config import parse_patch
 from common.label_transfer_config import LabelTransferConfig
+from common.phases import ordered_phases, parse_labeled_phases
 from common.run_config import default, defaults, parse_mirror_axes
 
 if TYPE_CHECKING:  # torch is imported once OMP_WAIT_POLICY is set
@@ -71,6 +72,7 @@ class LocalTrainingConfig:
     cps_strong_view: bool = bool(default("cps-strong-view"))
     cps_gate: float = float(default("cps-gate"))
     propagate_labels: bool = bool(default("propagate-labels"))
+    labeled_phases: str = str(default("labeled-phases"))  # run config `labeled-phases`: "auto" or e.g. "T2,GED4"
     balance_phases: bool = bool(default("balance-phases"))
     mirror_axes: tuple[int, ...] = parse_mirror_axes(str(default("mirror-axes")))
     label_transfer: LabelTransferConfig = LabelTransferConfig.from_hyphenated(defaults())
@@ -129,6 +131,11 @@ def train_locally(config: LocalTrainingConfig, log: Callable[[str], None] = prin
     if config.iterations < 1 or config.batch < 1 or (config.unlabeled_batch is not None and config.unlabeled_batch < 1):
         _error("--iterations, --batch and --unlabeled-batch must be >= 1")
         return 2
+    try:
+        _labeled_phases(config)
+    except ValueError as e:
+        _error(e)
+        return 2
     # Busy-waiting OpenMP threads slow training many times over when other processes share the
     # cores; only effective before torch is first imported (the caller's setting wins).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -153,6 +160,11 @@ def train_locally(config: LocalTrainingConfig, log: Callable[[str], None] = prin
     return _train(config, init, device, log)
 
 
+def _labeled_phases(config: LocalTrainingConfig) -> tuple[str, ...] | None:
+    """`config.labeled_phases` parsed (None: auto); a one-line ValueError naming a bad phase."""
+    return parse_labeled_phases(config.labeled_phases, "--labeled-phases")
+
+
 def center_sites(config: LocalTrainingConfig) -> list[SiteData]:
     """One `SiteData` per center to train on, each with its own cache folder `<cache>/<center>`
     (an nnU-Net raw set: one site, `<cache>/<its folder name>`); prints the data's problems.
@@ -172,7 +184,7 @@ def center_sites(config: LocalTrainingConfig) -> list[SiteData]:
         explicit, groups = False, [(data.name, None)]
     sites = [SiteData(SiteIdentity(site=name, role="train", data_dir=data, cache_dir=cache / name,
                                    output_dir=out.parent, centers=centers),
-                      unlabeled_phases=tuple(config.unlabeled_phases))
+                      unlabeled_phases=tuple(config.unlabeled_phases), labeled_phases=_labeled_phases(config))
              for name, centers in groups]
     for problem in dict.fromkeys([*walk.problems, *(p for site in sites for p in site.index.problems)]):
         _error(problem)
@@ -233,6 +245,9 @@ def _train(config: LocalTrainingConfig, init: Path | None, device: torch.device,
     if gate and not volumes.validation:
         _error(f"--cps-gate {config.cps_gate}: no validation case (splits.json) to check it on; "
                "the cross term runs from the start")
+    elif gate:
+        phases = ordered_phases(v.phase for v in volumes.validation)
+        log(f"CPS gate on {len(volumes.validation)} validation volumes ({', '.join(phases)})")
     for problem in problems + volumes.problems:
         _error(problem)
     labeled, unlabeled = volumes.labeled, volumes.unlabeled
@@ -247,7 +262,8 @@ def _train(config: LocalTrainingConfig, init: Path | None, device: torch.device,
     trainer_settings = trainer_config(config.run_settings(), device=str(device), patch_size=tuple(conf["patch_size"]),
                                       rampup_iterations=rampup, cps_loss=config.cps_loss, cps_gate=config.cps_gate,
                                       log_every=config.log_every, pretrained=str(init) if init else None,
-                                      encoder_lr_scale=config.encoder_lr_scale)
+                                      encoder_lr_scale=config.encoder_lr_scale,
+                                      **({"labeled_phases": volumes.labeled_phases} if volumes.labeled_phases else {}))
     try:
         trainer = CPSTrainer(plans, labeled, unlabeled, trainer_settings, validation=volumes.validation, log=log)
     except (ValueError, FileNotFoundError) as e:
@@ -280,6 +296,7 @@ def _train(config: LocalTrainingConfig, init: Path | None, device: torch.device,
         "balance_phases": config.balance_phases,
         "mirror_axes": list(trainer_settings.mirror_axes),
         "propagate_labels": config.propagate_labels and not config.pretrain,
+        "labeled_phases": list(volumes.labeled_phases),
         "label_transfer": trainer_settings.label_transfer.to_dict(),
         "unlabeled_phases": list(config.unlabeled_phases),
         "seed": config.seed,

@@ -20,6 +20,7 @@ from client.trainer import TrainerConfig
 from common import run_config as schema
 from common.fingerprint import FingerprintConfig
 from common.label_transfer_config import LabelTransferConfig
+from common.phases import ordered_phases
 from common.planning import PlanningConfig, plan_from_fingerprints
 from common.preprocessing import PreprocessedVolume
 from common.problems import Problem
@@ -51,8 +52,9 @@ class SiteVolumes:
 
     labeled: list[PreprocessedVolume]
     unlabeled: list[PreprocessedVolume]
-    validation: list[PreprocessedVolume]  # labeled validation GED4: model selection, the CPS gate
+    validation: list[PreprocessedVolume]  # labeled validation volumes (labeled phases): model selection, the CPS gate
     problems: list[Problem]
+    labeled_phases: tuple[str, ...] = ()  # phases of the truly labeled volumes (TrainerConfig.labeled_phases)
 
 
 def site_volumes(sites: Sequence[SiteData], plans: dict, *, include_unlabeled: bool, propagate_labels: bool,
@@ -63,17 +65,19 @@ def site_volumes(sites: Sequence[SiteData], plans: dict, *, include_unlabeled: b
     unlabeled: list[PreprocessedVolume] = []
     validation: list[PreprocessedVolume] = []
     problems: list[Problem] = []
+    labeled_phases: list[str] = []
     for site in sites:
         volumes = site.training_volumes(plans, include_unlabeled=include_unlabeled, propagate_labels=propagate_labels)
         labeled += volumes.labeled
         unlabeled += volumes.unlabeled
         problems += volumes.problems
+        labeled_phases += volumes.labeled_phases
     if with_validation:  # after every site's training volumes: the problems read in that order
         for site in sites:
             volumes = site.validation_volumes(plans)
             validation += volumes.labeled
             problems += volumes.problems
-    return SiteVolumes(labeled, unlabeled, validation, problems)
+    return SiteVolumes(labeled, unlabeled, validation, problems, ordered_phases(labeled_phases))
 
 
 def _axes(value: Any) -> tuple[int, ...]:
@@ -84,8 +88,9 @@ def _axes(value: Any) -> tuple[int, ...]:
 def trainer_config(settings: Mapping[str, object], **fields: Any) -> TrainerConfig:
     """The TrainerConfig of run-config-named `settings` (a train message's config, or `fedliver
     train`'s options under their run-config names; a missing key takes the schema's default), with
-    `fields` for what no run-config key says as such (device, the round's seed and ramp-up, ...).
-    The one place that maps run-config names to trainer fields."""
+    `fields` for what no run-config key says as such (device, the round's seed and ramp-up, the
+    site's truly labeled phases: `SiteVolumes.labeled_phases`, which run config `labeled-phases`
+    only selects from the data, ...). The one place that maps run-config names to trainer fields."""
     def get(key: str) -> Any:
         return settings[key] if key in settings else schema.default(key)
 

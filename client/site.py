@@ -6,15 +6,21 @@ everything a message needs that can be computed once per change of the files.
     <cache>/index/files.json              each file's validation findings (path, size, mtime)
     <cache>/fingerprint/<key>.npz         each volume's fingerprint (merged exactly per message)
     <cache>/preprocessed/<plans hash>/    each volume's data, seg, foreground locations, properties
-    <cache>/propagated/                   GED4 masks carried onto the other phases
+    <cache>/propagated/                   labeled masks carried onto the other phases
 
 In deployment every message is a fresh process: an unchanged site reads no voxel to be indexed or
 fingerprinted, and trains and evaluates from the preprocessed entries. `prepare` builds all of it
 ahead of the first message (`fedliver prepare`).
 
 What each case is for follows the evaluation protocol: at a training site, only cases of the
-"train" split are trained on (and fingerprinted); "validation" cases (labeled GED4) only serve model
+"train" split are trained on (and fingerprinted); "validation" cases (labeled) only serve model
 selection, "test" cases only the report. At a held-out site (role "eval") every case is a test case.
+
+Labeled phases (run config `labeled-phases`): the phases whose masks are labels, GED4 at a LiQA
+site, T2 or T1 at many others. "auto" takes every phase with a mask among the site's training and
+validation cases (test cases, masked on every phase, say nothing about what the site labels). They
+drive the labeled batches, the validation volumes (selection and the CPS gate) and the source of
+label propagation (a case's first labeled phase in PHASES order: GED4 first).
 
 In deployment the SuperNode's node_config names the site (`site="A" role="train" data-dir="/data"`);
 in simulation node_config holds only the partition id, mapped to a site through the run config.
@@ -35,7 +41,7 @@ from common.federation_config import FederationConfig, SiteAssignment
 from common.file_checks import StoredFileChecks
 from common.fingerprint import FingerprintConfig, SiteFingerprint, compute_site_fingerprint
 from common.fingerprint_cache import FingerprintCacheStats, cached_site_fingerprint
-from common.phases import LABELED_PHASE, NON_CONTRAST_PHASES
+from common.phases import LABELED_PHASE, NON_CONTRAST_PHASES, ordered_phases
 from common.planning import plans_hash
 from common.preprocessing import PreprocessedVolume, PreprocessingCache, preprocess_case_phases
 from common.splits import SPLITS, TEST, TRAIN, VALIDATION
@@ -107,14 +113,18 @@ class TrainingVolumes:
     labeled: list[PreprocessedVolume]
     unlabeled: list[PreprocessedVolume]
     problems: list[Problem]
+    labeled_phases: tuple[str, ...] = ()  # phases of the truly labeled volumes (not propagated), PHASES order
 
 
 class SiteData:
     """The site's validated case index and what it trains and evaluates on."""
 
-    def __init__(self, identity: SiteIdentity, *, unlabeled_phases: tuple[str, ...] = NON_CONTRAST_PHASES):
+    def __init__(self, identity: SiteIdentity, *, unlabeled_phases: tuple[str, ...] = NON_CONTRAST_PHASES,
+                 labeled_phases: tuple[str, ...] | None = None):
+        """`labeled_phases`: the phases whose masks are labels (None: run config "auto", see the module docstring)."""
         self.identity = identity
         self.unlabeled_phases = unlabeled_phases
+        self._labeled_setting = None if labeled_phases is None else ordered_phases(labeled_phases)
         self._caches: dict[str, PreprocessingCache] = {}
 
     @cached_property
@@ -164,18 +174,37 @@ class SiteData:
             return list(self.cases) if split == TEST else []
         return [case for case in self.cases if case.split == split]
 
+    @cached_property
+    def labeled_phases(self) -> tuple[str, ...]:
+        """The phases whose masks label at this site, in PHASES order: the given ones, or ("auto")
+        every phase with a mask among training and validation cases (none at a held-out site)."""
+        if self._labeled_setting is not None:
+            return self._labeled_setting
+        return ordered_phases(phase for split in (TRAIN, VALIDATION) for case in self.cases_in(split)
+                              for phase in case.masks if phase in case.images)
+
+    def _labeled_phases_of(self, case: Case) -> list[str]:
+        """The case's labeled phases (mask and image present), GED4 first."""
+        return [phase for phase in self.labeled_phases if phase in case.masks and phase in case.images]
+
+    @property
+    def _training_phases(self) -> tuple[str, ...]:
+        """Phases a training case contributes, in this order: GED4, the labeled phases, the
+        unlabeled phases (each once). A GED4 site: GED4 then `unlabeled_phases`, as before."""
+        return tuple(dict.fromkeys((LABELED_PHASE, *self.labeled_phases, *self.unlabeled_phases)))
+
     def labeled_pairs(self) -> list[tuple[Case, str]]:
-        """(case, phase) with a mask among training cases: the few labeled GED4 volumes."""
-        return [(case, phase) for case in self.cases_in(TRAIN) for phase in case.masks if phase in case.images]
+        """(case, phase) with a mask on a labeled phase among training cases: the few labeled volumes."""
+        labeled = set(self.labeled_phases)
+        return [(case, phase) for case in self.cases_in(TRAIN) for phase in case.masks
+                if phase in case.images and phase in labeled]
 
     def unlabeled_pairs(self) -> list[tuple[Case, str]]:
-        """Unlabeled GED4 plus the non-contrast phases of training cases; each phase its own sample."""
-        pairs = []
-        for case in self.cases_in(TRAIN):
-            if LABELED_PHASE in case.images and LABELED_PHASE not in case.masks:
-                pairs.append((case, LABELED_PHASE))
-            pairs.extend((case, phase) for phase in self.unlabeled_phases if phase in case.images and phase not in case.masks)
-        return pairs
+        """The training cases' phases without a mask (GED4, the labeled phases, the unlabeled
+        phases: `_training_phases`); each phase its own sample."""
+        phases = self._training_phases
+        return [(case, phase) for case in self.cases_in(TRAIN) for phase in phases
+                if phase in case.images and phase not in case.masks]
 
     def fingerprint_pairs(self) -> list[tuple[Path, Path | None]]:
         """Every image the site trains on, with its mask where it has one."""
@@ -184,18 +213,21 @@ class SiteData:
         return pairs
 
     def propagated_pairs(self) -> tuple[list[tuple[Case, str]], list[Problem]]:
-        """(case, phase) of the labeled training cases' other phases (the unlabeled phases), each
-        case carrying its GED4 mask propagated onto that phase's grid (`client.label_propagation`)."""
+        """(case, phase) of the labeled training cases' other phases without a mask (of
+        `_training_phases`), each case carrying the mask of its first labeled phase (GED4 first)
+        propagated onto that phase's grid (`client.label_propagation`)."""
         pairs, problems = [], []
-        for case, labeled_phase in self.labeled_pairs():
-            if labeled_phase != LABELED_PHASE:
+        for case in self.cases_in(TRAIN):
+            sources = self._labeled_phases_of(case)
+            if not sources:
                 continue
-            for phase in self.unlabeled_phases:
-                if phase not in case.images or phase in case.masks:
+            source = sources[0]
+            for phase in self._training_phases:
+                if phase == source or phase not in case.images or phase in case.masks:
                     continue
-                out = self.identity.cache_dir / "propagated" / case.case_id / f"mask_{phase}_from_{LABELED_PHASE}.nii.gz"
+                out = self.identity.cache_dir / "propagated" / case.case_id / f"mask_{phase}_from_{source}.nii.gz"
                 try:
-                    mask = propagate_mask(case.masks[LABELED_PHASE], case.images[phase], out, case.foreground_labels)
+                    mask = propagate_mask(case.masks[source], case.images[phase], out, case.foreground_labels)
                 except Exception as e:  # an unreadable image must not stop the site
                     problems.append(Problem(case.images[phase], f"label propagation failed: {' '.join(str(e).split())}"))
                     continue
@@ -205,9 +237,10 @@ class SiteData:
     def training_volumes(self, plans: dict, *, include_unlabeled: bool = True,
                          propagate_labels: bool = False) -> TrainingVolumes:
         """Labeled (with `propagate_labels`, also the labeled cases' other phases under their
-        propagated GED4 mask) and unlabeled volumes of the training cases, preprocessed."""
+        propagated mask) and unlabeled volumes of the training cases, preprocessed."""
         cache = self.preprocessing_cache(plans)
         labeled, problems = _preprocess(cache, self.labeled_pairs(), with_masks=True)
+        labeled_phases = ordered_phases(volume.phase for volume in labeled)
         unlabeled_pairs = self.unlabeled_pairs()
         if propagate_labels:
             pairs, failed = self.propagated_pairs()
@@ -221,15 +254,15 @@ class SiteData:
         if include_unlabeled:
             unlabeled, more = _preprocess(cache, unlabeled_pairs, with_masks=False)
             problems += more
-        return TrainingVolumes(labeled, unlabeled, problems)
+        return TrainingVolumes(labeled, unlabeled, problems, labeled_phases)
 
     def validation_pairs(self) -> list[tuple[Case, str]]:
-        """(case, GED4) of labeled validation cases: what model selection looks at."""
-        return [(case, LABELED_PHASE) for case in self.cases_in(VALIDATION)
-                if LABELED_PHASE in case.masks and LABELED_PHASE in case.images]
+        """(case, phase) of validation cases for each labeled phase with a mask: what model
+        selection looks at (GED4 at a LiQA site)."""
+        return [(case, phase) for case in self.cases_in(VALIDATION) for phase in self._labeled_phases_of(case)]
 
     def validation_volumes(self, plans: dict) -> TrainingVolumes:
-        """The validation GED4 volumes, preprocessed with their masks (the trainer's CPS gate)."""
+        """The validation volumes of the labeled phases, preprocessed with their masks (the trainer's CPS gate)."""
         labeled, problems = _preprocess(self.preprocessing_cache(plans), self.validation_pairs(), with_masks=True)
         return TrainingVolumes(labeled, [], problems)
 

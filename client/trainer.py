@@ -68,8 +68,10 @@ class TrainerConfig:
                                                # teachers (no gradient) as nnU-Net augmented them; the cross
                                                # term then covers unlabeled samples only (cps_on_labeled aside)
     balance_phases: bool = True                # batches draw a phase uniformly, then a volume of it
-    labeled_share: float = 0.5                 # share of labeled draws on the truly labeled phase (GED4)
+    labeled_share: float = 0.5                 # share of labeled draws on the truly labeled phases
                                                # when propagated phases are labeled too (balance_phases)
+    labeled_phases: tuple[str, ...] = (LABELED_PHASE,)  # the truly labeled phases (the site's masks); any
+                                               # other phase among the labeled volumes is propagated
     label_transfer: LabelTransferConfig = DEFAULT_LABEL_TRANSFER
     mirror_axes: tuple[int, ...] = field(default_factory=lambda: parse_mirror_axes(default("mirror-axes")))
                                                # patch axes nnU-Net's augmentation mirrors (nnU-Net: all three)
@@ -253,14 +255,17 @@ class CPSTrainer:
                 strong_view=strong_view_transforms() if config.cps_strong_view and config.mode == "cps" else None)
 
     def _labeled_phase_weights(self) -> dict[str, float] | None:
-        """GED4 drawn with `labeled_share`, the propagated phases sharing the rest equally: the
-        true labels keep their weight however many other phases a case has."""
+        """The truly labeled phases (`labeled_phases`) drawn with `labeled_share` between them, the
+        propagated phases sharing the rest equally: the true labels keep their weight however many
+        other phases a case has. One labeled phase (GED4): share * others / (1 - share), as before."""
         phases = {v.phase for v in self.labeled}
-        others = phases - {LABELED_PHASE}
-        if LABELED_PHASE not in phases or not others:
+        labeled = phases & set(self.config.labeled_phases)
+        others = phases - labeled
+        if not labeled or not others:
             return None
         share = min(max(self.config.labeled_share, 0.0), 1.0)
-        return {LABELED_PHASE: share * len(others) / max(1.0 - share, 1e-9), **{p: 1.0 for p in others}}
+        weight = share * len(others) / max(1.0 - share, 1e-9) / len(labeled)
+        return {**{p: weight for p in labeled}, **{p: 1.0 for p in others}}
 
     # ----------------------------------------------------------------------------------------- weights
     def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:

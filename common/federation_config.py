@@ -13,7 +13,7 @@ from pathlib import Path
 
 from common.aggregation_config import AggregationConfig
 from common.label_transfer_config import LabelTransferConfig
-from common.phases import parse_phase_list
+from common.phases import parse_labeled_phases, parse_phase_list
 from common.postprocessing import Postprocessing
 from common.run_config import parse_mirror_axes
 from common.run_config import validate as validate_run_config
@@ -123,9 +123,10 @@ class FederationConfig:
     cps_rampup_rounds: int
     cps_confidence: float  # cross term only where the teacher's softmax exceeds this (0: all voxels)
     cps_strong_view: bool  # students see unlabeled samples through a label-free intensity view
-    cps_gate: float  # cross term off until the validation GED4 Dice of the last round reaches this
+    cps_gate: float  # cross term off until the validation Dice (labeled phases) of the last round reaches this
     balance_phases: bool  # batches draw a phase first, then a volume
-    propagate_labels: bool  # labeled cases' other phases train under their GED4 mask (scanner coordinates)
+    propagate_labels: bool  # labeled cases' other phases train under their labeled phase's mask (scanner coordinates)
+    labeled_phases: tuple[str, ...] | None  # phases whose masks are labels (None: "auto", each site's masked phases)
     mirror_axes: tuple[int, ...]  # patch axes nnU-Net's mirroring augmentation flips
     label_transfer: LabelTransferConfig  # augmentations of labeled samples
     weighted_by: str
@@ -185,6 +186,7 @@ class FederationConfig:
             cps_gate=v["cps-gate"],
             balance_phases=v["balance-phases"],
             propagate_labels=v["propagate-labels"],
+            labeled_phases=parse_labeled_phases(v["labeled-phases"]),
             mirror_axes=parse_mirror_axes(v["mirror-axes"]),
             label_transfer=LabelTransferConfig.from_hyphenated(v),
             weighted_by=v["weighted-by"],

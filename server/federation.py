@@ -3,7 +3,8 @@
     identify nodes -> round 0: federated planning (fingerprints -> merged -> plans, pinned by hash)
     -> rounds 1..N: local CPS at training sites -> screen + FedAvg per branch
                     -> evaluation of the global pair on cases no site trains on: training sites'
-                       validation GED4 (selects checkpoints/best) and test splits, held-out centres'
+                       validation cases on their labeled phases (select checkpoints/best) and test
+                       splits, held-out centres'
                        every case (per phase) -> checkpoint
     -> report.json, metrics.csv, plots
 
@@ -29,6 +30,7 @@ from common.hashing import sha256_file
 from common.fingerprint import FingerprintConfig, SiteFingerprint
 from common.model_dir import read_manifest
 from common.names import BRANCHES, CONFIGURATION
+from common.phases import labeled_phases_text, ordered_phases
 from common.planning import PlanningConfig, plan_from_fingerprints, plans_hash
 from common.pretrained import load_initial_weights
 from common.stunet import build_stunet_from_plans
@@ -36,7 +38,8 @@ from common.weights import flatten, record_nbytes, to_arrayrecord
 from server.checkpoints import RunFolder, ServerState
 from server.messaging import Failure, NodeInfo, broadcast, identify_while_waiting
 from server.plots import plot_run
-from server.report import NO_VALIDATION, build_report, evaluation_entry, format_table, selection_score, write_report
+from server.report import (NO_VALIDATION, build_report, evaluation_entry, format_table, selection_phases,
+                           selection_score, training_labeled_phases, validation_name, write_report)
 from server.round_cost import SiteWaitGrid
 from server.strategy import NodeUpdate, PairAggregator
 
@@ -83,6 +86,7 @@ def round_config(c: FederationConfig, server_round: int, plans_json: str, digest
             "cps-strong-view": c.cps_strong_view,
             "balance-phases": c.balance_phases,
             "propagate-labels": c.propagate_labels,
+            "labeled-phases": labeled_phases_text(c.labeled_phases),
             "mirror-axes": ",".join(str(a) for a in c.mirror_axes),
             **c.label_transfer.to_dict_hyphenated(),
             "proximal-mu": c.proximal_mu,
@@ -137,11 +141,13 @@ class Federation:
                 continue
             info = NodeInfo(node_id, str(identity["site"]), str(identity["role"]),
                             validation_cases=int(counts.get("validation-cases", 0)),
-                            test_cases=int(counts.get("test-cases", 0)))
+                            test_cases=int(counts.get("test-cases", 0)),
+                            labeled_phases=ordered_phases(str(identity.get("labeled-phases", "")).split(",")))
             self.nodes[node_id] = info
+            labeled = f"labeled {'+'.join(info.labeled_phases)}, " if info.labeled_phases else ""
             self.log(
                 f"node {node_id}: site {info.site} ({info.role}), {int(counts['cases'])} cases "
-                f"({info.validation_cases} validation, {info.test_cases} test), "
+                f"({info.validation_cases} validation, {info.test_cases} test), {labeled}"
                 f"{int(counts['labeled-volumes'])} labeled / {int(counts['unlabeled-volumes'])} unlabeled volumes, "
                 f"{int(counts['problems'])} input problems"
             )
@@ -162,6 +168,17 @@ class Federation:
     @property
     def heldout_sites(self) -> list[str]:
         return sorted(i.site for i in self.nodes.values() if i.role == "eval")
+
+    @property
+    def labeled_phases(self) -> dict[str, tuple[str, ...]]:
+        """{training site: the phases its masks label}, as its identify reply said."""
+        return {i.site: i.labeled_phases for i in sorted(self.nodes.values(), key=lambda i: i.site) if i.role == "train"}
+
+    @property
+    def validation_phases(self) -> list[str]:
+        """The phases whose pooled validation Dice selects `checkpoints/best` and opens the CPS gate:
+        every training site's labeled phases (none said: every phase the sites validate on)."""
+        return training_labeled_phases(self.labeled_phases)
 
     # ------------------------------------------------------------------------------ round 0
     def federated_plans(self) -> dict:
@@ -217,12 +234,13 @@ class Federation:
 
     # ------------------------------------------------------------------------------ rounds
     def cross_term_open(self, history: list[Mapping]) -> bool:
-        """The CPS gate: open once the latest validation GED4 Dice reaches `cps-gate` (0: always
-        open). Pseudo-labels from a pair that cannot yet segment the labeled phase teach noise."""
+        """The CPS gate: open once the latest validation Dice (the labeled phases, pooled) reaches
+        `cps-gate` (0: always open). Pseudo-labels from a pair that cannot yet segment the labeled
+        phase teach noise."""
         if self.config.cps_gate <= 0:
             return True
         for entry in reversed(history):
-            if (selected := selection_score(entry)) is not None:
+            if (selected := selection_score(entry, self.validation_phases)) is not None:
                 return selected.dice.mean >= self.config.cps_gate
         return False
 
@@ -358,7 +376,7 @@ class Federation:
             cps_enabled = self.cross_term_open(state.history)
             if c.mode == "cps" and c.cps_gate > 0:
                 self.log(f"round {server_round}: CPS cross term {'on' if cps_enabled else 'off'} "
-                         f"(gate: validation GED4 Dice >= {c.cps_gate})")
+                         f"(gate: {validation_name(self.validation_phases)} >= {c.cps_gate})")
             config = self.round_config(server_round, plans_json, digest, cps_enabled=cps_enabled)
             current, entry = self.train_round(server_round, current, config, aggregator)
             test_round = server_round % c.evaluate_every == 0 or server_round == c.num_rounds
@@ -379,7 +397,7 @@ class Federation:
         arrays, strategy_info = aggregator.state()
         self.run.save_strategy_state(arrays, {**strategy_info, "round": server_round})
         # Selection looks at the training sites' validation cases only, never at a test score.
-        selected = selection_score(entry)
+        selected = selection_score(entry, self.validation_phases)
         if selected is not None and selected.dice.mean > state.best_score:
             state.best_round, state.best_score = server_round, selected.dice.mean
             self.run.promote_best(server_round)
@@ -394,8 +412,9 @@ class Federation:
 
     def _log_round(self, entry: Mapping) -> None:
         parts = [f"round {entry['round']}/{self.config.num_rounds} in {entry['seconds']:.0f}s"]
-        if (selected := selection_score(entry)) is not None:
-            parts.append(f"validation GED4 Dice {selected.dice.mean:.3f} (n={selected.cases})")
+        if (selected := selection_score(entry, self.validation_phases)) is not None:
+            name = validation_name(selection_phases(entry, self.validation_phases))
+            parts.append(f"{name} {selected.dice.mean:.3f} (n={selected.cases})")
         groups = [("in-distribution", entry.get("in_distribution", {}))]
         groups += [(site, entry.get("centers", {}).get(site, {})) for site in self.heldout_sites]
         for name, scores in groups:
@@ -411,15 +430,18 @@ class Federation:
             best_model=self.run.best_dir if state.best_round else None,
             best_round=state.best_round,
             config={k: str(v) for k, v in asdict(self.config).items()},
+            labeled_phases=self.labeled_phases,
         )
         report["initial_weights"] = getattr(self, "initial_weights", {"setting": self.config.init_weights})
         if getattr(self, "aggregator", None) is not None:  # strategy, DP and epsilon (per round: rounds[i].aggregation)
             report["aggregation"] = self.aggregator.describe()
         path = write_report(self.config.run_dir, report)
-        plot_run(state.history, self.config.run_dir / "plots", heldout=self.heldout_sites)
+        plot_run(state.history, self.config.run_dir / "plots", heldout=self.heldout_sites,
+                 labeled_phases=self.validation_phases)
         self.log(f"report: {path}")
         final = report["final"]
-        table = format_table(final["centers"], self.heldout_sites, in_distribution=final["in_distribution"])
+        table = format_table(final["centers"], self.heldout_sites, in_distribution=final["in_distribution"],
+                             labeled=self.labeled_phases)
         best = report["best"]
         selection = (f"best: round {best['round']} on {best['selected_on']} (Dice {best['score']:.3f})"
                      if best["round"] else f"best: {best['note']}")

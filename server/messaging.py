@@ -17,6 +17,7 @@ class NodeInfo:
     role: str  # "train" | "eval"
     validation_cases: int = 0  # held out from training by the site's splits.json
     test_cases: int = 0  # every case at a held-out ("eval") site
+    labeled_phases: tuple[str, ...] = ()  # the phases its masks label (identify's "labeled-phases")
 
 
 @dataclass(frozen=True)

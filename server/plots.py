@@ -12,25 +12,31 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from common.phases import LABELED_PHASE, PHASES  # noqa: E402
-from server.report import pooled_validation  # noqa: E402
+from server.report import selection_phases, selection_score  # noqa: E402
 
 
-def plot_run(history: Sequence[Mapping], out_dir: Path, heldout: Sequence[str] = ()) -> list[Path]:
+def plot_run(history: Sequence[Mapping], out_dir: Path, heldout: Sequence[str] = (),
+             labeled_phases: Sequence[str] = ()) -> list[Path]:
+    """`labeled_phases`: the training sites' labeled phases, whose pooled validation Dice selects the best model."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [
-        _plot_dice(history, heldout, out_dir / "dice_per_round.png"),
+        _plot_dice(history, heldout, out_dir / "dice_per_round.png", labeled_phases),
         _plot_train_metric(history, "loss-", "training loss", out_dir / "training_losses.png"),
         _plot_train_metric(history, "agreement-", "Dice between branches (unlabeled)", out_dir / "branch_agreement.png"),
     ]
     return [path for path in written if path is not None]
 
 
-def _plot_dice(history: Sequence[Mapping], heldout: Sequence[str], path: Path) -> Path | None:
+def _plot_dice(history: Sequence[Mapping], heldout: Sequence[str], path: Path,
+               labeled_phases: Sequence[str] = ()) -> Path | None:
     """One panel per group of test cases: the training sites' test splits pooled (with the pooled
-    validation GED4 that selects the best model, dashed), each training site, each held-out centre."""
+    validation Dice on the labeled phases that selects the best model, dashed), each training
+    site, each held-out centre."""
     centers = sorted({c for entry in history for c in entry.get("centers", {})},
                      key=lambda c: (c in heldout, c))
-    validation = [(e["round"], v[LABELED_PHASE]) for e in history if LABELED_PHASE in (v := pooled_validation(e))]
+    validation = [(e["round"], s.to_json()) for e in history if (s := selection_score(e, labeled_phases)) is not None]
+    chosen = next((selection_phases(e, labeled_phases) for e in reversed(history)
+                   if selection_score(e, labeled_phases) is not None), [LABELED_PHASE])
     panels: list[tuple[str, list[tuple[int, Mapping]], list[tuple[int, Mapping]]]] = []
     pooled = [(e["round"], e["in_distribution"]) for e in history if e.get("in_distribution")]
     if pooled or validation:
@@ -44,7 +50,7 @@ def _plot_dice(history: Sequence[Mapping], heldout: Sequence[str], path: Path) -
     for ax, (title, points, selection) in zip(axes[0], panels):
         for phase in PHASES:
             _errorbar(ax, [(r, scores[phase]) for r, scores in points if phase in scores], phase)
-        _errorbar(ax, selection, f"validation {LABELED_PHASE}", linestyle="--", color="black")
+        _errorbar(ax, selection, f"validation {'+'.join(chosen)}", linestyle="--", color="black")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

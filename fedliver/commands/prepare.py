@@ -5,7 +5,8 @@ message: the validated case index (each file's findings, kept by path, size and 
 the site fingerprint (per volume) and, with --plans, every volume preprocessed for those plans
 (training, validation and test cases, as the messages ask for them). Run it again after files were
 added or changed: only those are read. It prints what it read and what it found unchanged, then
-every problem as one line `path: message`; exits 1 when the site has no usable case.
+every problem as one line `path: message`; exits 1 when the site has no usable case, 2 for an
+unknown phase in --labeled-phases.
 
 --cache must be the folder the site's SuperNode uses (node config `cache-dir`; by default
 `<DATA>/../fedliver-cache-<site>`, the SuperNode's own default).
@@ -39,8 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated LiQA centers of a multi-vendor root that are this site's")
     parser.add_argument("--propagate-labels", action=argparse.BooleanOptionalAction,
                         default=bool(default("propagate-labels")),
-                        help="prepare the labeled cases' other phases under their propagated GED4 mask, "
+                        help="prepare the labeled cases' other phases under their propagated mask, "
                              "as training with run config propagate-labels does (default: %(default)s)")
+    parser.add_argument("--labeled-phases", default=str(default("labeled-phases")), metavar="auto|T2,GED4,...",
+                        help="the phases whose masks are labels, as run config labeled-phases says "
+                             "(default: %(default)s, every phase with a mask)")
     parser.set_defaults(run=run)
 
 
@@ -52,6 +56,7 @@ def _site_name(data: Path) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from client.site import SiteData, SiteIdentity
+    from common.phases import parse_labeled_phases
     from common.problems import ValidationError
 
     data = args.data.expanduser().resolve()
@@ -64,11 +69,16 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as error:
             print(f"{args.plans}: cannot read plans ({' '.join(str(error).split())})", file=sys.stderr)
             return 1
+    try:
+        labeled = parse_labeled_phases(args.labeled_phases, "--labeled-phases")
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
     identity = SiteIdentity(site=site, role=args.role, data_dir=data, cache_dir=cache,
                             output_dir=cache / "outputs", centers=args.centers)
     print(f"site {site} ({args.role}): {data} -> cache {cache}")
     try:
-        prepared = SiteData(identity).prepare(plans, propagate_labels=args.propagate_labels)
+        prepared = SiteData(identity, labeled_phases=labeled).prepare(plans, propagate_labels=args.propagate_labels)
     except ValidationError as error:  # DATA is no dataset
         print(error, file=sys.stderr)
         return 1

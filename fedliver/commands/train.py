@@ -111,11 +111,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="students see unlabeled samples through a label-free intensity view (bias field, "
                              f"random convolutions, a random curve), teachers as augmented (default {D['cps_strong_view']})")
     parser.add_argument("--cps-gate", type=float, default=D["cps_gate"],
-                        help="cross term off until the validation GED4 Dice (splits.json validation cases) "
-                             f"reaches this; checked every 25 iterations (0: no gate; default {D['cps_gate']})")
+                        help="cross term off until the validation Dice (splits.json validation cases, the labeled "
+                             f"phases) reaches this; checked every 25 iterations (0: no gate; default {D['cps_gate']})")
     parser.add_argument("--propagate-labels", action=argparse.BooleanOptionalAction, default=DEFAULT_PROPAGATE_LABELS,
-                        help="also train on the labeled cases' other phases under their GED4 mask carried over "
-                             f"through scanner coordinates (default {DEFAULT_PROPAGATE_LABELS})")
+                        help="also train on the labeled cases' other phases under their labeled phase's mask (GED4 "
+                             f"first) carried over through scanner coordinates (default {DEFAULT_PROPAGATE_LABELS})")
+    parser.add_argument("--labeled-phases", default=D["labeled_phases"], metavar="auto|T2,GED4,...",
+                        help="phases whose masks are labels (labeled batches, validation for the gate, the source of "
+                             "propagation): auto, every phase with a mask among a center's training and validation "
+                             f"cases, or a comma list (default {D['labeled_phases']})")
     parser.add_argument("--balance-phases", action=argparse.BooleanOptionalAction, default=D["balance_phases"],
                         help="draw a phase first, then a volume of it; --no-balance-phases: volumes uniformly "
                              f"(default {D['balance_phases']})")
@@ -124,7 +128,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"x is left-right (default {','.join(map(str, D['mirror_axes']))!r})")
     add_label_transfer_arguments(parser)
     parser.add_argument("--unlabeled-phases", type=_names, default=list(D["unlabeled_phases"]), metavar="T1,T2,...",
-                        help="phases used as unlabeled samples besides unlabeled GED4 (default T1,T2,DWI_800; "
+                        help="phases used as unlabeled samples besides unlabeled GED4 and labeled phases (default T1,T2,DWI_800; "
                              "add GED1,GED2,GED3 for the dynamic phases)")
     parser.add_argument("--seed", type=int, default=D["seed"], help="seed (net a: seed, net b: seed + 1)")
     parser.add_argument("--cache", type=Path, default=D["cache"],
@@ -154,7 +158,7 @@ def config_from_args(args: argparse.Namespace) -> LocalTrainingConfig:
         base_width=args.base_width, patch=tuple(args.patch), batch=args.batch, unlabeled_batch=args.unlabeled_batch,
         lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, lambda_max=args.lambda_max, rampup=args.rampup, cps_loss=args.cps_loss,
         cps_confidence=args.cps_confidence, cps_strong_view=args.cps_strong_view, cps_gate=args.cps_gate, propagate_labels=args.propagate_labels,
-        balance_phases=args.balance_phases, mirror_axes=tuple(args.mirror_axes),
+        labeled_phases=args.labeled_phases, balance_phases=args.balance_phases, mirror_axes=tuple(args.mirror_axes),
         label_transfer=label_transfer_from_args(args), unlabeled_phases=tuple(args.unlabeled_phases), seed=args.seed,
         cache=args.cache, agreement_volumes=args.agreement_volumes, threads=args.threads, device=args.device,
         log_every=args.log_every, postprocessing=args.postprocessing, postprocessing_phases=args.postprocessing_phases,
