@@ -135,7 +135,7 @@ def test_replies_hold_only_model_arrays_and_numbers(phantom_root, tmp_path):
                     assert all(a.dtype.kind in "fiu" for a in arrays.values())
             else:
                 assert isinstance(record, ConfigRecord)
-                allowed = {"query.identify": {"site", "role"}, "train": {"sha256"}}[kind]
+                allowed = {"query.identify": {"site", "role", "labeled-phases"}, "train": {"sha256"}}[kind]
                 assert set(record) == allowed
                 assert not any(str(v) in case_ids for v in record.values())
     assert seen_types == {"query.identify", "query.fingerprint", "train", "evaluate"}

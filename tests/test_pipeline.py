@@ -27,7 +27,7 @@ from simulations.phantoms import PhantomConfig, generate_liqa_tree
 #: What `fedliver train` writes into info.json (predict and the experiments read it).
 INFO_KEYS = ["kind", "mode", "iterations", "centers", "data", "size", "patch_size", "batch_size",
              "unlabeled_batch_size", "learning_rate", "encoder_lr_scale", "lambda_max", "rampup_iterations", "cps_loss",
-             "cps_confidence", "cps_strong_view", "cps_gate", "balance_phases", "mirror_axes", "propagate_labels", "label_transfer",
+             "cps_confidence", "cps_strong_view", "cps_gate", "balance_phases", "mirror_axes", "propagate_labels", "labeled_phases", "label_transfer",
              "unlabeled_phases", "seed", "device", "postprocessing", "init", "num_labeled", "num_unlabeled", "stats",
              "branch_agreement", "seconds"]
 #: What differs between two runs of the same training: the clock and the memory.

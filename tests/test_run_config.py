@@ -142,6 +142,7 @@ NOT_DEFAULTS = {
     "random-conv": 0.3, "transpose": 0.4, "bias-field": 0.6, "cps-strong-view": True, "proximal-mu": 0.25, "local-norm": True, "local-momentum": True,
     "fp16-transport": True, "seed": 11, "evaluate-step": 0.75, "evaluate-phases": "GED4,T2",
     "postprocessing": "none", "postprocessing-phases": "GED4,T2", "agreement-volumes": 2, "mirror-axes": "0,1",
+    "labeled-phases": "GED4,T2",
 }
 
 
