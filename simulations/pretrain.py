@@ -49,6 +49,14 @@ PHANTOM_OUT = REPO / "simulations" / "pretrained" / "stunet_T4_multiseq_nomirror
 PRETRAIN_LABEL_TRANSFER = LabelTransferConfig(location_scale=0.5, non_contrast=0.25, random_conv=0.25, transpose=0.5)
 
 
+def _save_pair(model: Path, out: Path) -> None:
+    """Both nets of MODEL_DIR `model`, heads included (`a.*`, `b.*`), as one safetensors file: each CPS
+    branch starts from its own."""
+    pair = {f"{b}.{k}": v for b, state in load_model_dir(model).branches.items() for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(pair, out)
+
+
 def pretrain(out: Path, *, cases: int, iterations: int, base_width: int, seed: int, work: Path,
              label_transfer: LabelTransferConfig = LabelTransferConfig(), sequences: str = "T1CE",
              mirror_axes: tuple[int, ...] = (), threads: int | None = None) -> dict:
@@ -61,10 +69,7 @@ def pretrain(out: Path, *, cases: int, iterations: int, base_width: int, seed: i
     )
     if train_locally(config) != 0:
         raise RuntimeError("pretraining (fedliver train --pretrain) failed")
-    # Both pretrained nets, heads included (`a.*`, `b.*`): each CPS branch starts from its own.
-    pair = {f"{b}.{k}": v for b, state in load_model_dir(model).branches.items() for k, v in state.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(pair, out)
+    _save_pair(model, out)
     info = json.loads((model / "info.json").read_text(encoding="utf-8")) if (model / "info.json").exists() else {}
     flag = (" --label-transfer" if label_transfer.enabled else "") + f" --sequences {sequences}"
     flag += f" --mirror-axes '{','.join(map(str, mirror_axes))}'"
@@ -102,9 +107,7 @@ def pretrain_label_maps(out: Path, *, maps: int, iterations: int, base_width: in
     info = pretrain_on_label_maps(DomainRandomisedPretraining(
         out=model, work=work, maps=maps, iterations=iterations, base_width=base_width, seed=seed, init=init,
         extra_data=extra_data, exclude_cases=exclude, threads=threads, learning_rate=learning_rate))
-    pair = {f"{b}.{k}": v for b, state in load_model_dir(model).branches.items() for k, v in state.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(pair, out)
+    _save_pair(model, out)
     extra = f" --extra-data {','.join(map(str, extra_data))}" if extra_data else ""
     extra += f" --exclude {','.join(exclude)}" if exclude else ""
     provenance = {

@@ -83,8 +83,8 @@ def extra_volumes(datasets: Sequence[Path], plans: dict, work: Path, *, exclude:
         dataset_file = root / "dataset.json"
         if not dataset_file.is_file():
             raise ValueError(f"{root}: no dataset.json (an nnU-Net raw dataset is expected)")
-        liver = _liver_label(json.loads(dataset_file.read_text(encoding="utf-8")), dataset_file)
-        ending = json.loads(dataset_file.read_text(encoding="utf-8")).get("file_ending", ".nii.gz")
+        meta = json.loads(dataset_file.read_text(encoding="utf-8"))
+        liver, ending = _liver_label(meta, dataset_file), meta.get("file_ending", ".nii.gz")
         for label in sorted((root / "labelsTr").glob(f"*{ending}")):
             case = label.name[: -len(ending)]
             if case in exclude:
