@@ -23,7 +23,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.federation_config import parse_patch
+from common.federation_config import parse_patch, parse_spacing
 from common.label_transfer_config import LabelTransferConfig
 from common.phases import ordered_phases, parse_labeled_phases
 from common.run_config import default, defaults, parse_mirror_axes
@@ -61,6 +61,7 @@ class LocalTrainingConfig:
     size: str = str(default("net-size"))         # STU-Net size T, S, B, L, H
     base_width: int | None = None                # None: CPU_WIDTH for size T, the published width otherwise
     patch: tuple[int, int, int] = parse_patch(str(default("patch-size")))  # z, y, x
+    spacing: tuple[float, float, float] | None = parse_spacing(str(default("target-spacing")))  # z, y, x mm
     batch: int = int(default("batch-size"))
     unlabeled_batch: int | None = UNLABELED_BATCH  # None: `batch`
     lr: float = float(default("learning-rate"))
@@ -227,7 +228,7 @@ def _train(config: LocalTrainingConfig, init: Path | None, device: torch.device,
     # Every image the sites train on in CPS mode, whatever the mode: ablations share one plan.
     problems: list = []
     planning = PlanningConfig(size=config.size, base_width=config.width, patch_size=tuple(config.patch),
-                              batch_size=config.batch)
+                              batch_size=config.batch, spacing=config.spacing)
     try:
         plans = plan_for_sites(sites, planning, problems)
     except NoLabeledVolume:

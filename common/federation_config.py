@@ -97,6 +97,16 @@ def parse_patch(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
+def parse_spacing(text: str) -> tuple[float, float, float] | None:
+    """Run config `target-spacing`: "" (the planner's) or "z,y,x" in mm."""
+    if not str(text).strip():
+        return None
+    values = tuple(float(v) for v in str(text).replace("x", ",").split(","))
+    if len(values) != 3 or not all(v > 0 for v in values):
+        raise ValueError(f"target-spacing needs 3 positive values (z,y,x mm) or \"\", got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 WEIGHTINGS = ("labeled", "samples", "uniform")
 MODES = ("cps", "supervised")
 
@@ -115,6 +125,7 @@ class FederationConfig:
     net_size: str
     base_width: int | None  # None: the size's published width
     patch_size: tuple[int, int, int]
+    target_spacing: tuple[float, float, float] | None  # None: the planner's (median) spacing
     batch_size: int
     unlabeled_batch_size: int
     learning_rate: float
@@ -175,6 +186,7 @@ class FederationConfig:
             net_size=v["net-size"],
             base_width=v["net-width"] or None,
             patch_size=parse_patch(v["patch-size"]),
+            target_spacing=parse_spacing(v["target-spacing"]),
             batch_size=v["batch-size"],
             unlabeled_batch_size=v["unlabeled-batch-size"],
             learning_rate=v["learning-rate"],

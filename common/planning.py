@@ -50,6 +50,9 @@ class PlanningConfig:
     patch_size: tuple[int, int, int] | None = None    # replaces the planner's; rounded to the strides' products
     max_patch_size: tuple[int, int, int] | None = None  # caps the planner's per axis (rounded down)
     batch_size: int | None = None                     # None: keep the planner's choice
+    # A coarser target spacing (mm, plans' axis order), nnU-Net's 3d_lowres idea: the same patch then
+    # covers more of the body. None: the planner's 3d_fullres spacing (the median of the data).
+    spacing: tuple[float, float, float] | None = None
     gpu_memory_target_gb: float = 8.0                 # nnU-Net planner's VRAM target (caps the patch)
     dataset_name: str = DATASET_NAME
 
@@ -91,6 +94,10 @@ def _adapt_configuration(conf: dict, config: PlanningConfig) -> dict:
     """A STU-Net copy of a planner 3d_fullres configuration."""
     conf = deepcopy(conf)
     strides = _stunet_strides(conf["architecture"]["arch_kwargs"]["strides"])
+    if config.spacing is not None:
+        conf = _with_spacing(conf, config.spacing)
+        if config.patch_size is None and config.max_patch_size is None:
+            strides = _strides_for_patch(conf["patch_size"], conf["spacing"])
     if config.patch_size is not None:
         patch = list(config.patch_size)
         strides = _strides_for_patch(patch, conf["spacing"])
@@ -111,6 +118,20 @@ def _adapt_configuration(conf: dict, config: PlanningConfig) -> dict:
     conf.pop("next_stage", None)
     conf.pop("previous_stage", None)
     conf.pop("inherits_from", None)
+    return conf
+
+
+def _with_spacing(conf: dict, spacing: Sequence[float]) -> dict:
+    """`conf` resampled to `spacing`: the median image shrinks (or grows) with it, and so does a
+    planner patch larger than that image (nnU-Net never plans a patch beyond the median shape)."""
+    spacing = [float(s) for s in spacing]
+    if len(spacing) != 3 or not all(s > 0 for s in spacing):
+        raise ValueError(f"spacing needs 3 positive values (z,y,x mm), got {spacing}")
+    scale = [old / new for old, new in zip(conf["spacing"], spacing)]
+    median = [max(1, int(round(v * f))) for v, f in zip(conf["median_image_size_in_voxels"], scale)]
+    conf["spacing"] = spacing
+    conf["median_image_size_in_voxels"] = median
+    conf["patch_size"] = [min(int(p), m) for p, m in zip(conf["patch_size"], median)]
     return conf
 
 

@@ -43,6 +43,8 @@ KEYS: tuple[Key, ...] = (
     Key("net-width", int, 4, "first-stage width of the STU-Net (0: the size's own)"),
     Key("device", str, "auto", 'sites\' torch device: "auto" (a CUDA GPU if any), "cpu", "cuda", "cuda:N"'),
     Key("patch-size", str, "32,64,64", "training patch z,y,x"),
+    Key("target-spacing", str, "",
+        'spacing z,y,x in mm the volumes are resampled to (3d_lowres-like); "": the planner\'s median spacing'),
     Key("batch-size", int, 2, "labeled samples per iteration"),
     Key("unlabeled-batch-size", int, 2, "unlabeled samples per CPS iteration"),
     Key("learning-rate", float, 0.01, "initial learning rate of the poly schedule"),

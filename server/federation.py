@@ -208,7 +208,7 @@ class Federation:
                 fingerprints,
                 PlanningConfig(
                     size=self.config.net_size, base_width=self.config.base_width, patch_size=self.config.patch_size,
-                    batch_size=self.config.batch_size,
+                    batch_size=self.config.batch_size, spacing=self.config.target_spacing,
                 ),
             )
         finally:

@@ -6,6 +6,11 @@ Centres A, B1 and B2 train (a few labeled GED4 volumes each, more unlabeled case
 hold out a few test cases (scored per phase) and a validation case (selects checkpoints/best);
 centre C never trains and is evaluated per phase every round. Writes RUN_DIR/report.json,
 RUN_DIR/metrics.csv, RUN_DIR/plots/*.png and a qualitative PNG per site under RUN_DIR/sites/.
+
+    python -m simulations.demo --data-root DIR --sites "S1:train,S2:train,S3:eval" --run-dir runs/mine
+
+runs the same federation on a LiQA tree you already have (no phantoms); without --sites every
+Vendor_<X> folder trains.
 """
 
 from __future__ import annotations
@@ -52,14 +57,23 @@ class DemoConfig:
     resume: bool = False
     gpus_per_node: float | None = None  # Ray GPUs per site actor (None: shared evenly when CUDA is there, else 0)
     data: Path | None = None  # the phantoms' folder (default RUN_DIR/data); runs of one experiment share it
+    data_root: Path | None = None  # a LiQA tree the user has (no phantoms): its sites federate instead
+    site_roles: str | None = None  # "SITE:ROLE,..." (None: the phantom centres, or every Vendor_ of data_root training)
     run_config_overrides: Mapping[str, object] = field(default_factory=dict)  # `--run-config`, over all of the above
 
     @property
     def data_dir(self) -> Path:
+        if self.data_root is not None:
+            return self.data_root
         return self.data if self.data is not None else self.run_dir / "data"
 
     @property
     def sites(self) -> str:
+        if self.site_roles:
+            return self.site_roles
+        if self.data_root is not None:
+            vendors = sorted(d.name.removeprefix("Vendor_") for d in self.data_root.glob("Vendor_*") if d.is_dir())
+            return ",".join(f"{v}:train" for v in vendors)
         return ",".join(f"{c}:{'eval' if c in self.heldout else 'train'}" for c in self.centers)
 
     def run_config(self) -> dict[str, object]:
@@ -115,10 +129,11 @@ def run_demo(config: DemoConfig) -> dict:
             path = config.run_dir / stale
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    make_phantoms(config)
+    if config.data_root is None:
+        make_phantoms(config)
     started = time.perf_counter()
     run_simulation(
-        SimulationSpec(run_dir=config.run_dir, run_config=config.run_config(), num_supernodes=len(config.centers),
+        SimulationSpec(run_dir=config.run_dir, run_config=config.run_config(), num_supernodes=len(config.sites.split(",")),
                        gpus_per_node=config.gpus_per_node)
     )
     report = json.loads((config.run_dir / "report.json").read_text())
@@ -131,7 +146,7 @@ def run_demo(config: DemoConfig) -> dict:
 
 
 #: Run-config keys the demo derives from its own options: its phantoms, folder and site list.
-DEMO_OWNED = {"data-root": "--data", "run-dir": "--run-dir", "sites": "the demo's centres"}
+DEMO_OWNED = {"data-root": "--data or --data-root", "run-dir": "--run-dir", "sites": "--sites"}
 #: Run-config keys whose demo value departs from the run config's default, on purpose (see DemoConfig).
 DEMO_DEPARTURES = ("num-server-rounds", "local-iterations", "unlabeled-batch-size", "evaluate-every", "init-weights")
 
@@ -181,7 +196,15 @@ def main(argv: list[str] | None = None) -> int:
                              "adversarial-sites='B2:scale-100'\"); the keys of pyproject's [tool.flwr.app.config]")
     parser.add_argument("--data", type=Path, default=None,
                         help="the phantoms' folder (default RUN_DIR/data; generated there unless it holds these phantoms)")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="a LiQA tree you have (Vendor_<X>/<case>/...): it federates instead of the phantoms")
+    parser.add_argument("--sites", default=None, metavar="SITE:ROLE,...",
+                        help='with --data-root: e.g. "S1:train,S2:train,S3:eval" (default: every Vendor_<X> trains)')
     args = parser.parse_args(argv)
+    if args.sites is not None and args.data_root is None:
+        parser.error("--sites needs --data-root (the phantom centres are the demo's own)")
+    if args.data_root is not None and not any(args.data_root.glob("Vendor_*")):
+        parser.error(f"--data-root {args.data_root}: no Vendor_<X> folder (a LiQA tree)")
     try:
         overrides = parse_run_config(args.run_config)
     except ValueError as error:
@@ -192,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds, local_iterations=args.local_iterations, mode=args.mode, seed=args.seed,
         init_weights=None if str(args.init) == "none" else args.init, resume=args.resume,
         gpus_per_node=args.gpus_per_node, data=args.data.resolve() if args.data else None,
+        data_root=args.data_root.resolve() if args.data_root else None, site_roles=args.sites,
         run_config_overrides=overrides,
     )
     signal.signal(signal.SIGTERM, _interrupt)  # so that `finally` stops the SuperLink on `kill` too

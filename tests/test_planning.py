@@ -115,6 +115,27 @@ def test_patch_override_is_rounded_and_builds_a_net(merged):
     assert np.all(np.array(conf["patch_size"]) % divisor == 0)
 
 
+def test_target_spacing_resamples_the_plan(merged):
+    """A coarser target spacing (3d_lowres-like): the plans' spacing is it, the median image shrinks by
+    the ratio, the strides follow nnU-Net's rule for the new spacing and the patch stays divisible."""
+    fp, _, _ = merged
+    full = plan_from_fingerprint(fp, PlanningConfig(size="T", patch_size=(8, 32, 32)))["configurations"]["3d_fullres"]
+    coarse = (full["spacing"][0], 2.0, 2.0)
+    low = plan_from_fingerprint(fp, PlanningConfig(size="T", patch_size=(8, 32, 32), spacing=coarse))
+    conf = low["configurations"]["3d_fullres"]
+    assert conf["spacing"] == list(coarse)
+    for axis in (1, 2):
+        expected = full["median_image_size_in_voxels"][axis] * full["spacing"][axis] / 2.0
+        assert abs(conf["median_image_size_in_voxels"][axis] - expected) <= 1
+    strides = conf["architecture"]["arch_kwargs"]["strides"]
+    assert np.all(np.array(conf["patch_size"]) % np.prod(np.array(strides), axis=0) == 0)
+    # At 2 mm in-plane the z axis (4-6 mm) is no longer 4x coarser: it is pooled sooner than at ~0.85 mm.
+    assert strides != full["architecture"]["arch_kwargs"]["strides"]
+    assert plans_hash(low) != plans_hash(plan_from_fingerprint(fp, PlanningConfig(size="T", patch_size=(8, 32, 32))))
+    with pytest.raises(ValueError, match="spacing"):
+        plan_from_fingerprint(fp, PlanningConfig(size="T", spacing=(1.0, 0.0, 1.0)))
+
+
 def test_plans_hash_and_files(tmp_path):
     plans = default_test_plans()
     shuffled = json.loads(json.dumps(plans, sort_keys=True))

@@ -19,7 +19,7 @@ from client.client_app import _trainer_config, app as client_app
 from client.trainer import TrainerConfig
 from common import run_config
 from common.run_config import parse_mirror_axes
-from common.federation_config import FederationConfig, parse_patch, parse_sites
+from common.federation_config import FederationConfig, parse_patch, parse_sites, parse_spacing
 from common.phases import parse_phase_list
 from common.postprocessing import Postprocessing
 from inprocess_grid import InProcessGrid
@@ -97,6 +97,7 @@ FIELDS = {
     "num_rounds": ("num-server-rounds", None), "local_iterations": ("local-iterations", None),
     "evaluate_every": ("evaluate-every", None), "net_size": ("net-size", None),
     "base_width": ("net-width", lambda v: v or None), "patch_size": ("patch-size", parse_patch),
+    "target_spacing": ("target-spacing", parse_spacing),
     "batch_size": ("batch-size", None), "unlabeled_batch_size": ("unlabeled-batch-size", None),
     "learning_rate": ("learning-rate", None), "mode": ("mode", None), "cps_lambda_max": ("cps-lambda-max", None),
     "cps_rampup_rounds": ("cps-rampup-rounds", None), "cps_confidence": ("cps-confidence", None),

@@ -20,6 +20,7 @@ import argparse
 from pathlib import Path
 
 from client.local_training import CPU_WIDTH, UNLABELED_BATCH, LocalTrainingConfig, train_locally
+from common.federation_config import parse_spacing
 from common.label_transfer_config import LabelTransferConfig
 from common.postprocessing import METHODS
 from common.run_config import BY_NAME, parse_mirror_axes
@@ -41,6 +42,13 @@ def _ints(text: str) -> tuple[int, int, int]:
     if len(values) != 3 or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected three positive integers z,y,x, got {text!r}")
     return values  # type: ignore[return-value]
+
+
+def _spacing(text: str) -> tuple[float, float, float] | None:
+    try:
+        return parse_spacing(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _names(text: str) -> list[str]:
@@ -89,6 +97,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "the published width for S/B/L/H)")
     parser.add_argument("--patch", type=_ints, default=D["patch"], metavar="Z,Y,X",
                         help=f"patch size (default {','.join(map(str, D['patch']))}; rounded to the network's strides)")
+    parser.add_argument("--spacing", type=_spacing, default=D["spacing"], metavar="Z,Y,X",
+                        help="resample to this spacing in mm, 3d_lowres-like (default: the planner's median spacing; "
+                             "run config target-spacing)")
     parser.add_argument("--batch", type=int, default=D["batch"],
                         help=f"labeled samples per iteration (default {D['batch']})")
     parser.add_argument("--unlabeled-batch", type=int, default=D["unlabeled_batch"],
@@ -155,7 +166,7 @@ def config_from_args(args: argparse.Namespace) -> LocalTrainingConfig:
     return LocalTrainingConfig(
         data=args.data, out=args.out, centers=tuple(args.centers) if args.centers is not None else None,
         mode=args.mode, pretrain=args.pretrain, init=args.init, iterations=args.iterations, size=args.size,
-        base_width=args.base_width, patch=tuple(args.patch), batch=args.batch, unlabeled_batch=args.unlabeled_batch,
+        base_width=args.base_width, patch=tuple(args.patch), spacing=args.spacing, batch=args.batch, unlabeled_batch=args.unlabeled_batch,
         lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, lambda_max=args.lambda_max, rampup=args.rampup, cps_loss=args.cps_loss,
         cps_confidence=args.cps_confidence, cps_strong_view=args.cps_strong_view, cps_gate=args.cps_gate, propagate_labels=args.propagate_labels,
         labeled_phases=args.labeled_phases, balance_phases=args.balance_phases, mirror_axes=tuple(args.mirror_axes),

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from simulations.experiments import aggregation, cross_phase, real_mri
+from simulations.experiments import aggregation, cross_phase, real_federation, real_mri
 
 EXPERIMENTS = {"cross-phase": cross_phase.main, "robust-aggregation": aggregation.robust_main,
-               "dp-cost": aggregation.dp_main, "real-mri": real_mri.main}
+               "dp-cost": aggregation.dp_main, "real-mri": real_mri.main,
+               "real-federation": real_federation.main}
 
 
 def main(argv: list[str] | None = None) -> int:
