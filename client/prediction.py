@@ -2,7 +2,9 @@
 
     predict(PredictConfig(input=IN, output=OUT, model=MODEL_DIR)) -> exit status
 
-Writes OUT/<case>/<PHASE>_pred.nii.gz (uint8, 0 background / 1 liver) on each input's raw grid; what
+Writes OUT/<case>/<PHASE>_pred.nii.gz (uint8, 0 background / 1 liver) on each input's raw grid, and
+OUT/predictions.csv / .json: each volume's quality control (`client.quality_control`: liver volume,
+branch agreement, entropy, position, cross-phase consistency, the verdict `ok` | `review`); what
 IN may be and how plain file names map to <case> and <PHASE> is `fedliver predict --help`
 (fedliver/commands/predict.py). The hospital's use of the federated model, hence `client/`, beside
 `client.local_training`. Progress lines go to stdout, each problem is one line on stderr; the exit
@@ -17,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.quality_control import QCReport, VolumeQC, measure
 from common.atomic_write import atomic_path
 from common.postprocessing import Postprocessing
 
@@ -37,10 +40,11 @@ class PredictConfig:
     postprocessing: str = "model"                # "model": MODEL_DIR's info.json; else a common.postprocessing method
     device: str = "auto"                         # auto, cpu, cuda, cuda:N
     threads: int | None = None                   # torch CPU threads (None: torch's choice)
+    review_dir: Path | None = None               # an overlay PNG of each volume QC flags `review`
 
     def __post_init__(self) -> None:  # a script may give paths as text
-        for name in ("input", "output", "model"):
-            if not isinstance(value := getattr(self, name), Path):
+        for name in ("input", "output", "model", "review_dir"):
+            if (value := getattr(self, name)) is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
 
 
@@ -153,22 +157,54 @@ def predict(config: PredictConfig) -> int:
           flush=True)
     failed = len(failures)
     started = time.perf_counter()
+    measured: list[VolumeQC] = []
     for job in jobs:
         t0 = time.perf_counter()
         out = config.output / job.case_id / f"{job.phase}_pred.nii.gz"
         try:
-            seg = predict_image(nets, job.image, bundle.plans, mirror=config.mirror, step=config.step,
-                                postprocessing=postprocessing.for_phase(job.phase))
+            seg, probabilities = predict_image(nets, job.image, bundle.plans, mirror=config.mirror, step=config.step,
+                                               postprocessing=postprocessing.for_phase(job.phase),
+                                               with_probabilities=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(out, suffix=".nii.gz") as tmp:  # never a half-written prediction under the final name
                 sitk.WriteImage(seg, str(tmp), useCompression=True)
         except Exception as e:  # one bad volume must not stop the others
             failed += 1
-            message = " ".join(str(e).split()) or type(e).__name__
-            print(message if str(job.image) in message else f"{job.image}: {message}", file=sys.stderr, flush=True)
+            _print_error(job.image, e)
             continue
+        try:
+            measured.append(measure(job.case_id, job.phase, job.image, out, seg, probabilities))
+        except Exception as e:  # the prediction stands; only its QC row is missing
+            _print_error(job.image, e, "quality control failed: ")
         print(f"{job.case_id} {job.phase}: {time.perf_counter() - t0:.1f} s -> {out}", flush=True)
     done = len(jobs) - (failed - len(failures))
     print(f"{done} of {len(jobs)} volume(s) predicted in {time.perf_counter() - started:.1f} s"
           f"{f'; {failed} failed' if failed else ''}")
+    if measured:
+        report_quality(QCReport.judge(measured), config)
     return 1 if failed else 0
+
+
+def _print_error(image: Path, error: Exception, prefix: str = "") -> None:
+    message = prefix + (" ".join(str(error).split()) or type(error).__name__)
+    print(message if str(image) in message else f"{image}: {message}", file=sys.stderr, flush=True)
+
+
+def report_quality(report: QCReport, config: PredictConfig) -> None:
+    """predictions.csv/.json, one line per volume to review, and its overlay in --review-dir."""
+    csv_path, _ = report.write(config.output)
+    review = report.review
+    print(f"quality control: {len(review)} of {len(report.volumes)} volume(s) to review -> {csv_path}")
+    for v in review:
+        print(f"  review {v.case} {v.phase} (score {v.qc_score:.2f}): {v.qc_reasons}")
+    if config.review_dir is None or not review:
+        return
+    from client.overlays import overlay
+
+    config.review_dir.mkdir(parents=True, exist_ok=True)
+    for v in review:
+        try:
+            overlay(Path(v.file), None, None, Path(v.prediction), f"{v.case} {v.phase}: {v.qc_reasons}",
+                    config.review_dir / f"{v.case}_{v.phase}.png")
+        except Exception as e:  # a missing overlay must not cost the predictions
+            _print_error(Path(v.file), e, "review overlay failed: ")

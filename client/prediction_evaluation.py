@@ -5,6 +5,8 @@
 Reads every OUT/<case>/<PHASE>_pred.nii.gz (what `client.prediction.predict` writes), finds its
 reference in IN (`fedliver evaluate --help`: fedliver/commands/evaluate.py), writes the per case,
 per phase scores and per-phase summaries to OUT/evaluation.json (or `json`) and prints a table.
+When OUT has `fedliver predict`'s predictions.csv, its quality control is joined to the scores
+(`client.qc_evaluation`: recall of failures, false flags, AUROC, and a plot beside the JSON).
 Beside `client.prediction` (the hospital scoring its own predictions); not `client.evaluation`,
 which scores the federation's model on a site's cached volumes inside a Flower message. The exit
 status is the command's: 1 when a folder is missing, a pair failed, or nothing was evaluated.
@@ -16,6 +18,9 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from client.qc_evaluation import format_summary, plot_qc, qc_rows, qc_summary
+from client.quality_control import read_predictions
 
 _SUFFIX = "_pred.nii.gz"
 
@@ -152,6 +157,9 @@ def evaluate_predictions(config: EvaluateConfig) -> int:
         "missing_truth": missing,
         "errors": errors,
     }
+    qc = qc_rows(results, read_predictions(config.pred))  # predict's quality control, when it is there
+    if qc:
+        report["quality_control"] = {"summary": qc_summary(qc), "volumes": qc}
     out = config.out
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, report, indent=2, allow_nan=False)  # tools read it: never half a file
@@ -161,4 +169,7 @@ def evaluate_predictions(config: EvaluateConfig) -> int:
     print(f"{n} volume(s) evaluated, {len(missing)} without reference, {len(errors)} error(s) -> {out}")
     for line in missing:
         print(f"no reference: {line}")
+    if qc:
+        plot = plot_qc(qc, out.with_name(out.stem + "_qc.png"))
+        print(f"{format_summary(report['quality_control']['summary'])}; plot {plot}")
     return 1 if errors or n == 0 else 0

@@ -31,6 +31,7 @@ import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -201,28 +202,31 @@ def _probabilities(logits: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
 
 
 def _mean_probabilities(nets: Sequence[nn.Module], fast: Sequence[bool], x: torch.Tensor,
-                        mirror_axes: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, int]:
-    """(mean over nets and mirrorings of softmax(net(x)), number of classes); x (b, c, z, y, x) on
-    the nets' device; see `_probabilities` for two classes."""
-    total, classes = None, 0
-    for net, net_fast in zip(nets, fast):
+                        mirror_axes: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(mean over nets and mirrorings of softmax(net(x)), number of classes, the first net's own
+    mean over mirrorings); x (b, c, z, y, x) on the nets' device; see `_probabilities` for two classes."""
+    total, classes, first = None, 0, None
+    for k, (net, net_fast) in enumerate(zip(nets, fast)):
         for axes in [()] + list(mirror_axes):
             logits = _forward(net, torch.flip(x, axes) if axes else x, net_fast)
             classes = logits.shape[1]
             probs = _probabilities(logits, axes)
             total = probs if total is None else total.add_(probs)
-    return total.div_(len(nets) * (1 + len(mirror_axes))), classes
+        if k == 0:
+            first = total / (1 + len(mirror_axes))
+    return total.div_(len(nets) * (1 + len(mirror_axes))), classes, first
 
 
 def _pipelined_probabilities(nets: Sequence[nn.Module], inputs: Iterator[torch.Tensor],
                              mirror_axes: Sequence[tuple[int, ...]], threads: int) -> Iterator[tuple[torch.Tensor, int]]:
-    """`_mean_probabilities` of every tile from `inputs` ((1, c, z, y, x) each), in order, for
+    """`_mean_probabilities` (all three values) of every tile from `inputs` ((1, c, z, y, x) each), in order, for
     STU-Nets on the CPU, on two threads: this one runs every full-resolution stage (stem and head:
     ~55% of the work, and all of the 25 MB tensors of a 48x128x128 patch) one tile at a time, as a
     single-threaded predictor would; a helper runs the inner stages of the next (net, flip, tile)
     meanwhile. One intra-op thread each (`threads - 1` here): two threads inside every op spent most
     of their time at the barriers between ~110 small ops a tile, on a shared 2-core machine."""
     jobs = [(net, axes) for net in nets for axes in [()] + list(mirror_axes)]
+    per_net = 1 + len(mirror_axes)
 
     def inner(net, stem):
         with torch.inference_mode():
@@ -252,8 +256,10 @@ def _pipelined_probabilities(nets: Sequence[nn.Module], inputs: Iterator[torch.T
             del logits
             total = probs if total is None else total.add_(probs)
             _release_free_memory()  # the helper's arena grows otherwise (see below)
+            if j == per_net - 1:
+                first = total / per_net
             if j == len(jobs) - 1:
-                yield total.div_(len(jobs)), classes
+                yield total.div_(len(jobs)), classes, first
                 total = None
     finally:
         helper.shutdown(wait=True, cancel_futures=True)
@@ -270,10 +276,11 @@ def _release_free_memory() -> None:
 
 
 def _sliding_window(nets: Sequence[nn.Module] | nn.Module, data: torch.Tensor | np.ndarray,
-                    patch_size: Sequence[int], step: float, mirror: bool,
-                    batch_size: int) -> tuple[torch.Tensor, bool]:
+                    patch_size: Sequence[int], step: float, mirror: bool, batch_size: int,
+                    keep_first: bool = False) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
     """(probabilities (channels, z, y, x) on the nets' device, cropped back to `data`; whether the
-    one channel is the foreground of two classes). See `sliding_window_predict`."""
+    one channel is the foreground of two classes; with `keep_first` and several nets, the first
+    net's own probabilities, else None). See `sliding_window_predict`."""
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
@@ -316,6 +323,8 @@ def _sliding_window(nets: Sequence[nn.Module] | nn.Module, data: torch.Tensor | 
 
     weights = torch.zeros(shape, dtype=torch.float32, device=device)
     probs: torch.Tensor | None = None
+    first: torch.Tensor | None = None
+    keep_first = keep_first and len(nets) > 1
     classes = 0
     if all(fast) and len({net.num_classes for net in nets}) == 1:
         # Allocated before any tile: a long-lived buffer above the tiles' temporaries would pin them
@@ -330,16 +339,23 @@ def _sliding_window(nets: Sequence[nn.Module] | nn.Module, data: torch.Tensor | 
                 results = _pipelined_probabilities(nets, map(tile_input, batches), mirror_axes, old_threads)
             else:
                 results = (_mean_probabilities(nets, fast, tile_input(b), mirror_axes) for b in batches)
-            for batch, (out, classes) in zip(batches, results):  # in tile order: deterministic sums
+            for batch, (out, classes, out_first) in zip(batches, results):  # in tile order: deterministic sums
                 if probs is None:
                     probs = torch.zeros((out.shape[1], *shape), dtype=torch.float32, device=device)
-                for tile, p in zip(batch, out):
+                if keep_first and first is None:
+                    first = torch.zeros_like(probs)
+                for k, (tile, p) in enumerate(zip(batch, out)):
                     probs[(slice(None), *tile)].addcmul_(p, gaussian)
                     weights[tile].add_(gaussian)
+                    if keep_first:  # the same weights: the branches' probabilities average to `probs`
+                        first[(slice(None), *tile)].addcmul_(out_first[k], gaussian)
             probs.div_(weights)  # every voxel is covered by at least one tile; the Gaussian has no zeros
+            if first is not None:
+                first.div_(weights)
     finally:
         torch.set_num_threads(old_threads)
-    return probs[(slice(None), *revert[1:])], classes == 2
+    crop = (slice(None), *revert[1:])
+    return probs[crop], classes == 2, (first[crop] if first is not None else None)
 
 
 def sliding_window_predict(nets: Sequence[nn.Module] | nn.Module, data: torch.Tensor | np.ndarray,
@@ -353,7 +369,7 @@ def sliding_window_predict(nets: Sequence[nn.Module] | nn.Module, data: torch.Te
     `torch.get_num_threads()` worker threads. The nets run on their own device (the first net's);
     the result comes back on the CPU. Modules are put in eval mode for the call and restored after.
     """
-    probs, foreground = _sliding_window(nets, data, patch_size, step, mirror, batch_size)
+    probs, foreground, _ = _sliding_window(nets, data, patch_size, step, mirror, batch_size)
     if foreground:
         probs = torch.cat((1 - probs, probs))
     return probs.to("cpu").contiguous()
@@ -375,6 +391,16 @@ def _foreground_to_raw_grid(foreground: torch.Tensor, plans_manager, configurati
     return seg.transpose(plans_manager.transpose_backward)
 
 
+@dataclass(frozen=True)
+class BranchProbabilities:
+    """Foreground probabilities on the network's grid (the plans' axes and spacing, cropped to the
+    nonzero box), what quality control reads: the branches' mean and the first branch's own."""
+
+    mean: np.ndarray                        # float32 (z, y, x)
+    first: np.ndarray | None                # branch a's (None: one branch); the other's is 2 * mean - first
+    spacing: tuple[float, float, float]     # mm per voxel, the plans' spacing
+
+
 def predict_preprocessed(nets: Sequence[nn.Module] | nn.Module, data: np.ndarray | torch.Tensor, properties: dict,
                          plans: dict, *, mirror: bool = False, step: float = 0.5, batch_size: int = 2,
                          postprocessing: str = "none") -> np.ndarray:
@@ -383,6 +409,16 @@ def predict_preprocessed(nets: Sequence[nn.Module] | nn.Module, data: np.ndarray
 
     postprocessing: "none" or "largest-component" (`common.postprocessing`).
     """
+    return predict_preprocessed_with_probabilities(nets, data, properties, plans, mirror=mirror, step=step,
+                                                   batch_size=batch_size, postprocessing=postprocessing,
+                                                   keep_probabilities=False)[0]
+
+
+def predict_preprocessed_with_probabilities(
+        nets: Sequence[nn.Module] | nn.Module, data: np.ndarray | torch.Tensor, properties: dict, plans: dict, *,
+        mirror: bool = False, step: float = 0.5, batch_size: int = 2, postprocessing: str = "none",
+        keep_probabilities: bool = True) -> tuple[np.ndarray, BranchProbabilities | None]:
+    """`predict_preprocessed`, and the `BranchProbabilities` behind it (two classes only, else None)."""
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -394,8 +430,13 @@ def predict_preprocessed(nets: Sequence[nn.Module] | nn.Module, data: np.ndarray
     plans_manager = PlansManager(plans)
     configuration = plans_manager.get_configuration(CONFIGURATION)
     data = torch.from_numpy(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data
-    probs, foreground = _sliding_window(nets, data, configuration.patch_size, step, mirror, batch_size)
+    probs, foreground, first = _sliding_window(nets, data, configuration.patch_size, step, mirror, batch_size,
+                                               keep_first=keep_probabilities)
     probs = probs.to("cpu")
+    kept = None
+    if keep_probabilities and foreground:
+        kept = BranchProbabilities(probs[0].numpy().copy(), first[0].to("cpu").numpy() if first is not None else None,
+                                   tuple(float(v) for v in configuration.spacing))
     if foreground:
         seg = _foreground_to_raw_grid(probs, plans_manager, configuration, properties)
     else:
@@ -405,12 +446,14 @@ def predict_preprocessed(nets: Sequence[nn.Module] | nn.Module, data: np.ndarray
             probs.contiguous(), plans_manager, configuration, plans_manager.get_label_manager(dict(DATASET_JSON)),
             properties, return_probabilities=False, num_threads_torch=torch.get_num_threads())
     seg = to_file_order(np.asarray(seg), properties)  # undo the plans' reader's reorientation
-    return postprocess_mask(seg, postprocessing)
+    return postprocess_mask(seg, postprocessing), kept
 
 
 def predict_image(nets: Sequence[nn.Module] | nn.Module, image: Path, plans: dict, *, mirror: bool = False,
-                  step: float = 0.5, batch_size: int = 2, postprocessing: str = "none"):
-    """Segment one NIfTI volume: a uint8 0/1 `SimpleITK.Image` with exactly the input's grid.
+                  step: float = 0.5, batch_size: int = 2, postprocessing: str = "none",
+                  with_probabilities: bool = False):
+    """Segment one NIfTI volume: a uint8 0/1 `SimpleITK.Image` with exactly the input's grid; with
+    `with_probabilities`, (that image, its `BranchProbabilities` or None).
 
     postprocessing: "none" or "largest-component" (`common.postprocessing`).
 
@@ -429,12 +472,15 @@ def predict_image(nets: Sequence[nn.Module] | nn.Module, image: Path, plans: dic
         raise ValueError(f"{image}: expected a 3-D scalar image, got {info.geometry.dimension}-D "
                          f"with {info.components} component(s)")
     data, _, properties = preprocess_image(image, plans)
-    seg = predict_preprocessed(nets, data, properties, plans, mirror=mirror, step=step, batch_size=batch_size,
-                               postprocessing=postprocessing)
+    seg, probabilities = predict_preprocessed_with_probabilities(
+        nets, data, properties, plans, mirror=mirror, step=step, batch_size=batch_size,
+        postprocessing=postprocessing, keep_probabilities=with_probabilities)
     expected = tuple(reversed(info.geometry.size))
     if seg.shape != expected:
         raise RuntimeError(f"{image}: prediction shape {seg.shape} (z, y, x) does not match the input {expected}")
-    return info.geometry.apply_to(sitk.GetImageFromArray(seg))
+    result = info.geometry.apply_to(sitk.GetImageFromArray(seg))
+    return (result, probabilities) if with_probabilities else result
 
 
-__all__ = ["sliding_window_predict", "predict_preprocessed", "predict_image"]
+__all__ = ["BranchProbabilities", "sliding_window_predict", "predict_preprocessed",
+           "predict_preprocessed_with_probabilities", "predict_image"]

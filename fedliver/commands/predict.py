@@ -1,7 +1,11 @@
 """`fedliver predict -i IN -o OUT -m MODEL_DIR`: segment every phase volume under IN with a MODEL_DIR.
 
 Writes OUT/<case>/<PHASE>_pred.nii.gz (uint8, 0 background / 1 liver) on each input's raw grid
-(same size, spacing, origin and direction), the LiQA challenge's output layout.
+(same size, spacing, origin and direction), the LiQA challenge's output layout, and
+OUT/predictions.csv (and .json): per volume the liver volume (mL), connected components, branch
+agreement Dice(a, b), entropy, the liver's position in the body, each phase's volume against the
+case's median, and the verdict columns qc_score (0-1, higher = more trustworthy), qc (ok | review)
+and qc_reasons. --review-dir R writes an overlay PNG of each `review` volume into R.
 
 IN may be:
   - a dataset `fedliver check` accepts: a LiQA root (Vendor_<X>/<case>/<PHASE>.nii.gz), one
@@ -56,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=PredictConfig.device,
                         help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N "
                              f"(default {PredictConfig.device})")
+    parser.add_argument("--review-dir", type=Path, default=PredictConfig.review_dir, metavar="R",
+                        help="an overlay PNG (three slices, contours) of each volume quality control flags `review`")
     parser.add_argument("--threads", type=int, default=PredictConfig.threads,
                         help="CPU threads for torch (default: torch's own choice, usually every core)")
     parser.set_defaults(run=run)
@@ -78,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> PredictConfig:
         input=args.input, output=args.output, model=args.model, branch=args.branch, mirror=args.mirror,
         phases=tuple(args.phases) if args.phases is not None else None, step=args.step,
         postprocessing=args.postprocessing, device=args.device, threads=args.threads,
+        review_dir=args.review_dir,
     )
 
 

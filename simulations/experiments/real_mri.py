@@ -26,6 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from client.overlays import overlay
 from client.prediction import PredictConfig, predict
 from client.prediction_evaluation import EvaluateConfig, evaluate_predictions
 
@@ -84,7 +85,8 @@ def score_model(name: str, path: Path, data: Path, out: Path, threads: int | Non
     scores = pred / "evaluation.json"
     if not scores.is_file():
         model = model_dir_of(path, out / "models")
-        if predict(PredictConfig(input=data, output=pred, model=model, threads=threads)) not in (0, 1):
+        status = predict(PredictConfig(input=data, output=pred, model=model, threads=threads))
+        if status not in (0, 1) or not pred.is_dir():  # 1: some volumes failed (each said why); none: the model
             raise RuntimeError(f"{name}: fedliver predict failed")
         evaluate_predictions(EvaluateConfig(pred=pred, truth=data, json=scores))
     report = json.loads(scores.read_text(encoding="utf-8"))
@@ -106,39 +108,6 @@ def format_table(rows: list[dict], data: Path) -> str:
         lines.append(f"| {model} | {phase} | {len(group)} | {mean:.3f} ± {sd:.3f} | {median:.3f} | {hd:.1f} | "
                      f"{worst['case']} {worst['dice']:.3f} |")
     return "\n".join(lines) + "\n"
-
-
-def overlay(image: Path, truth: Path, labels, pred: Path, title: str, out: Path) -> None:
-    """Three axial slices through the true liver: image, truth (green) and prediction (red) contours."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import SimpleITK as sitk
-
-    def read(path: Path) -> np.ndarray:
-        return sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS"))
-
-    img, ref, seg = read(image), read(truth), read(pred)
-    ref = np.isin(ref, labels) if labels else ref > 0
-    zs = np.flatnonzero(ref.any(axis=(1, 2))) if ref.any() else np.flatnonzero(seg.any(axis=(1, 2)))
-    if zs.size == 0:
-        zs = np.array([img.shape[0] // 2])
-    picks = [int(np.percentile(zs, q)) for q in (25, 50, 75)]
-    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.8))
-    for ax, z in zip(axes, picks):
-        ax.imshow(img[z], cmap="gray")
-        if ref[z].any():
-            ax.contour(ref[z], levels=[0.5], colors="lime", linewidths=1.0)
-        if seg[z].any():
-            ax.contour(seg[z] > 0, levels=[0.5], colors="red", linewidths=1.0)
-        ax.set_title(f"slice {z}", fontsize=9)
-        ax.axis("off")
-    fig.suptitle(f"{title} (green: truth, red: prediction; patient's right on the left)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
 
 
 def write_overlays(rows: list[dict], data: Path, out: Path) -> list[Path]:
