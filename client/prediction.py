@@ -41,9 +41,12 @@ class PredictConfig:
     device: str = "auto"                         # auto, cpu, cuda, cuda:N
     threads: int | None = None                   # torch CPU threads (None: torch's choice)
     review_dir: Path | None = None               # an overlay PNG of each volume QC flags `review`
+    dicom_source: Path | None = None             # IN came from `fedliver import-dicom` of this: a DICOM SEG each
+    dicom_seg: bool = False                      # IN is a DICOM folder: import it (phase_map), predict, SEG each
+    phase_map: Path | None = None                # import-dicom's phase map, with dicom_seg
 
     def __post_init__(self) -> None:  # a script may give paths as text
-        for name in ("input", "output", "model", "review_dir"):
+        for name in ("input", "output", "model", "review_dir", "dicom_source", "phase_map"):
             if (value := getattr(self, name)) is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
 
@@ -140,7 +143,12 @@ def predict(config: PredictConfig) -> int:
     except Exception as e:  # tampered dir, weights that do not fit the plans, an unusable --device
         print(" ".join(str(e).split()) or type(e).__name__, file=sys.stderr)
         return 1
-    jobs, failures, notes = find_jobs(config.input)
+    try:
+        root, seg_writer = dicom_input(config, bundle.manifest.get("manifest_sha256", ""))
+    except ValueError as e:  # no phase map, an unreadable one, no DICOM, no import mapping
+        print(" ".join(str(e).split()), file=sys.stderr)
+        return 1
+    jobs, failures, notes = find_jobs(root)
     for line in notes:
         print(f"note: {line}", file=sys.stderr)
     if config.phases is not None:
@@ -176,6 +184,12 @@ def predict(config: PredictConfig) -> int:
             measured.append(measure(job.case_id, job.phase, job.image, out, seg, probabilities))
         except Exception as e:  # the prediction stands; only its QC row is missing
             _print_error(job.image, e, "quality control failed: ")
+        if seg_writer is not None:
+            try:
+                seg_writer.write(job.case_id, job.phase, seg, config.output)
+            except Exception as e:  # the NIfTI prediction stands; no SEG file for this series
+                failed += 1
+                _print_error(job.image, e, "DICOM SEG not written: ")
         print(f"{job.case_id} {job.phase}: {time.perf_counter() - t0:.1f} s -> {out}", flush=True)
     done = len(jobs) - (failed - len(failures))
     print(f"{done} of {len(jobs)} volume(s) predicted in {time.perf_counter() - started:.1f} s"
@@ -183,6 +197,26 @@ def predict(config: PredictConfig) -> int:
     if measured:
         report_quality(QCReport.judge(measured), config)
     return 1 if failed else 0
+
+
+def dicom_input(config: PredictConfig, model_sha256: str):
+    """(the folder to predict, a `client.dicom_seg.SegWriter` or None). With `dicom_seg`, IN is a
+    DICOM folder: imported first into OUT/dicom_import/ (its mapping holds patient identifiers:
+    mode 0600, as import-dicom writes it)."""
+    if not config.dicom_seg and config.dicom_source is None:
+        return config.input, None
+    from client.dicom_seg import SegWriter
+
+    if not config.dicom_seg:
+        return config.input, SegWriter.for_tree(config.input, config.dicom_source, model_sha256)
+    from client.dicom_import import DicomImportConfig, import_dicom, read_phase_map
+
+    if config.phase_map is None:
+        raise ValueError("--dicom-seg: give --phase-map phases.json (SeriesDescription -> phase, as import-dicom)")
+    imported = config.output / "dicom_import"
+    result = import_dicom(config.input, imported, DicomImportConfig(site="PACS", phase_map=read_phase_map(config.phase_map)))
+    print(result.format(), flush=True)
+    return imported, SegWriter.for_tree(imported, config.input, model_sha256)
 
 
 def _print_error(image: Path, error: Exception, prefix: str = "") -> None:

@@ -60,6 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=PredictConfig.device,
                         help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N "
                              f"(default {PredictConfig.device})")
+    parser.add_argument("--dicom-source", type=Path, default=PredictConfig.dicom_source, metavar="DICOM_DIR",
+                        help="IN was made by `fedliver import-dicom DICOM_DIR`: also write OUT/<case>/<PHASE>_seg.dcm, "
+                             "a DICOM SEG over each source series")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="IN is a DICOM folder: import it (--phase-map) into OUT/dicom_import, predict, and write "
+                             "a DICOM SEG per series")
+    parser.add_argument("--phase-map", type=Path, default=PredictConfig.phase_map, metavar="JSON",
+                        help="with --dicom-seg: SeriesDescription -> phase, as for import-dicom (deploy/phases.json)")
     parser.add_argument("--review-dir", type=Path, default=PredictConfig.review_dir, metavar="R",
                         help="an overlay PNG (three slices, contours) of each volume quality control flags `review`")
     parser.add_argument("--threads", type=int, default=PredictConfig.threads,
@@ -84,7 +92,8 @@ def config_from_args(args: argparse.Namespace) -> PredictConfig:
         input=args.input, output=args.output, model=args.model, branch=args.branch, mirror=args.mirror,
         phases=tuple(args.phases) if args.phases is not None else None, step=args.step,
         postprocessing=args.postprocessing, device=args.device, threads=args.threads,
-        review_dir=args.review_dir,
+        review_dir=args.review_dir, dicom_source=args.dicom_source, dicom_seg=args.dicom_seg,
+        phase_map=args.phase_map,
     )
 
 
