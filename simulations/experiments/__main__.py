@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from simulations.experiments import aggregation, cross_phase, real_federation, real_mri
+from simulations.experiments import aggregation, cross_phase, quality_control, real_federation, real_mri
 
 EXPERIMENTS = {"cross-phase": cross_phase.main, "robust-aggregation": aggregation.robust_main,
                "dp-cost": aggregation.dp_main, "real-mri": real_mri.main,
-               "real-federation": real_federation.main}
+               "real-federation": real_federation.main,
+               "quality-control": quality_control.main}
 
 
 def main(argv: list[str] | None = None) -> int:
