@@ -67,7 +67,7 @@ def test_predict_writes_a_dicom_seg_per_series(dicom_case):
         assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == LIVER_CODE[0]
         algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
         assert algorithm.AlgorithmName == "fedliver"
-        manifest_sha = __import__("json").loads((dicom_case["model"] / "manifest.json").read_text())["manifest_sha256"]
+        manifest_sha = __import__("json").loads((dicom_case["model"] / "manifest.json").read_text(encoding="utf-8"))["manifest_sha256"]
         assert manifest_sha in str(algorithm.AlgorithmParameters)
 
         # Every source instance referenced; patient and study are the source's.

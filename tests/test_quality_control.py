@@ -166,7 +166,7 @@ def test_predict_writes_qc_and_evaluate_joins_it(tmp_path, model_dir, capsys):
     assert sorted(p.name for p in review.glob("*.png")) == sorted(f"{r['case']}_{r['phase']}.png" for r in flagged)
 
     assert main(["evaluate", "--pred", str(out), "--truth", str(data)]) == 0
-    report = json.loads((out / "evaluation.json").read_text())
+    report = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))
     summary = report["quality_control"]["summary"]
     assert summary["n"] == 2  # the volumes with a reference (GED4 of both cases)
     assert {v["case"] for v in report["quality_control"]["volumes"]} == {"0001-A-S1", "0002-A-S2"}

@@ -49,7 +49,7 @@ def test_site_tree_keeps_test_out_of_training_and_never_reads_unlabeled_masks(tm
     by_id = {c.case_id: c for c in index.cases}
     assert sorted(by_id) == IDS and index.centers == ["S1", "S2", "S3"]
     for site, roles in plan.items():
-        assert json.loads((tree / f"Vendor_{site}" / "splits.json").read_text()) == {
+        assert json.loads((tree / f"Vendor_{site}" / "splits.json").read_text(encoding="utf-8")) == {
             "validation": roles["validation"], "test": roles["test"]}
         for role, ids in roles.items():
             for case_id in ids:
@@ -86,11 +86,11 @@ def test_real_federation_end_to_end(tmp_path):
         assert int(overall[arm, "in-distribution"]["n"]) == 3  # one test case per site
         assert int(overall[arm, "holdout"]["n"]) == 2 and int(overall[arm, "validation"]["n"]) == 3
         assert all(0.0 <= float(r["dice_mean"]) <= 1.0 for r in rows if r["arm"] == arm)
-    report = json.loads(next((out / "arms").glob("federated-cps_*/federation/report.json")).read_text())
+    report = json.loads(next((out / "arms").glob("federated-cps_*/federation/report.json")).read_text(encoding="utf-8"))
     assert report["labeled_phases"] == {"S1": ["T2"], "S2": ["T2"], "S3": ["T2"]}
-    assert "local-cps" in (out / "table.md").read_text() and (out / "real_federation.png").stat().st_size > 0
+    assert "local-cps" in (out / "table.md").read_text(encoding="utf-8") and (out / "real_federation.png").stat().st_size > 0
     # The federation's plans carry the target spacing.
-    plans = json.loads(next((out / "arms").glob("federated-cps_*/federation/plans.json")).read_text())
+    plans = json.loads(next((out / "arms").glob("federated-cps_*/federation/plans.json")).read_text(encoding="utf-8"))
     assert plans["configurations"]["3d_fullres"]["spacing"] == [3.0, 3.0, 3.0]
 
 
@@ -104,7 +104,7 @@ def test_demo_federates_a_liqa_tree_the_user_has(tmp_path):
     assert demo.main(["--data-root", str(tree), "--sites", "S1:train,S2:train,S3:eval", "--rounds", "1",
                       "--local-iterations", "1", "--run-dir", str(run_dir),
                       "--run-config", "patch-size='16,32,32' target-spacing='3.0,3.0,3.0'"]) == 0
-    report = json.loads((run_dir / "report.json").read_text())
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
     assert report["training_centers"] == ["S1", "S2"] and report["heldout_centers"] == ["S3"]
     assert set(report["final"]["centers"]["S3"]) == {"T2"}  # every case of the held-out site, its masked phase
     assert not (run_dir / "data").exists()  # nothing generated

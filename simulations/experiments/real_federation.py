@@ -221,7 +221,8 @@ def score_models(models: list[Path], sets: dict[str, Path], folder: Path, thread
 
 def run_arm(arm: Arm, data: dict[str, Path], sites: Sequence[str], sets: dict[str, Path], out: Path,
             budget: Budget) -> dict:
-    folder = out / "arms" / f"{arm.name}_{budget.spacing.replace(',', 'x')}_{budget.site_iterations}"
+    rounds = f"_r{budget.rounds}" if arm.kind.startswith("federated") else ""
+    folder = out / "arms" / f"{arm.name}_{budget.spacing.replace(',', 'x')}_{budget.site_iterations}{rounds}"
     result_file = folder / "scores.json"
     if result_file.is_file():
         return json.loads(result_file.read_text(encoding="utf-8"))
