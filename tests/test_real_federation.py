@@ -75,7 +75,8 @@ def test_real_federation_end_to_end(tmp_path):
     assert real_federation.main([
         "--data", str(data), "--holdout", str(holdout), "--out", str(out), "--sites", "3",
         "--labeled-per-site", "1", "--test-per-site", "1", "--site-iterations", "3", "--rounds", "1",
-        "--threads", "1", "--arms", arms, "--target-spacing", "3.0,3.0,3.0"]) == 0
+        "--threads", "1", "--arms", arms, "--target-spacing", "3.0,3.0,3.0",
+        "--federated-run-config", "proximal-mu=0.01"]) == 0
 
     with (out / "results.csv").open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -86,7 +87,10 @@ def test_real_federation_end_to_end(tmp_path):
         assert int(overall[arm, "in-distribution"]["n"]) == 3  # one test case per site
         assert int(overall[arm, "holdout"]["n"]) == 2 and int(overall[arm, "validation"]["n"]) == 3
         assert all(0.0 <= float(r["dice_mean"]) <= 1.0 for r in rows if r["arm"] == arm)
-    report = json.loads(next((out / "arms").glob("federated-cps_*/federation/report.json")).read_text(encoding="utf-8"))
+    (federated,) = (out / "arms").glob("federated-cps_*")
+    assert federated.name.endswith("_r1_proximal-mu-0.01")  # overrides name the arm: no stale reuse
+    report = json.loads((federated / "federation" / "report.json").read_text(encoding="utf-8"))
+    assert float(report["config"]["proximal_mu"]) == 0.01
     assert report["labeled_phases"] == {"S1": ["T2"], "S2": ["T2"], "S3": ["T2"]}
     assert "local-cps" in (out / "table.md").read_text(encoding="utf-8") and (out / "real_federation.png").stat().st_size > 0
     # The federation's plans carry the target spacing.

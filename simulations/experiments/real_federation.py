@@ -134,6 +134,7 @@ class Budget:
     rounds: int = 4              # federated rounds
     threads: int = 2
     spacing: str = DEFAULT_SPACING
+    federated_overrides: tuple[tuple[str, object], ...] = ()  # run-config keys over the federated arms' own
 
     def per_site(self, sites: int) -> int:
         return max(1, self.site_iterations // sites)
@@ -193,7 +194,7 @@ def train_federated(arm: Arm, data: Path, sites: Sequence[str], folder: Path, bu
         "local-iterations": budget.local_iterations(len(sites)), "evaluate-every": budget.rounds,
         "evaluate-train-sites": False, "net-width": 4, "unlabeled-batch-size": 1, "mode": arm.mode,
         "cps-rampup-rounds": max(1, budget.rounds // 2), "init-weights": "auto", "seed": arm.seed,
-        "target-spacing": budget.spacing, "agreement-volumes": 0,
+        "target-spacing": budget.spacing, "agreement-volumes": 0, **dict(budget.federated_overrides),
     }
     log = folder / "log.txt"
     with log.open("a", encoding="utf-8") as f:
@@ -222,6 +223,8 @@ def score_models(models: list[Path], sets: dict[str, Path], folder: Path, thread
 def run_arm(arm: Arm, data: dict[str, Path], sites: Sequence[str], sets: dict[str, Path], out: Path,
             budget: Budget) -> dict:
     rounds = f"_r{budget.rounds}" if arm.kind.startswith("federated") else ""
+    if arm.kind.startswith("federated") and budget.federated_overrides:
+        rounds += "_" + "_".join(f"{k}-{v}" for k, v in budget.federated_overrides)
     folder = out / "arms" / f"{arm.name}_{budget.spacing.replace(',', 'x')}_{budget.site_iterations}{rounds}"
     result_file = folder / "scores.json"
     if result_file.is_file():
@@ -353,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=Budget.rounds)
     parser.add_argument("--threads", type=int, default=Budget.threads)
     parser.add_argument("--target-spacing", default=DEFAULT_SPACING, help='z,y,x mm; "": the planner\'s')
+    parser.add_argument("--federated-run-config", default="", metavar="'KEY=VALUE ...'",
+                        help="run-config keys in Flower's syntax for the federated arms, e.g. \"strategy='fedprox' "
+                             "proximal-mu=0.1\" (kept in the arm's folder name)")
     parser.add_argument("--spacings", default=None, metavar="Z,Y,X;Z,Y,X",
                         help="candidates: pooled-cps at each, the best on the validation cases is used")
     args = parser.parse_args(argv)
@@ -365,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
             parse_spacing(spacing)
         from common.discovery import index_dataset
 
+        from simulations.demo import parse_run_config
+
+        overrides = tuple(sorted(parse_run_config(args.federated_run_config).items()))
         labeled = [c.case_id for c in index_dataset(args.data, validate=False).cases if c.labeled]
         plan = plan_split(labeled, args.sites, args.labeled_per_site, args.test_per_site, args.seed)
     except ValueError as e:
@@ -382,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     print("split: " + "; ".join(f"{s}: " + ", ".join(f"{len(v)} {k}" for k, v in r.items()) for s, r in plan.items()),
           flush=True)
     budget = Budget(site_iterations=args.site_iterations, rounds=args.rounds, threads=args.threads,
-                    spacing=args.target_spacing)
+                    spacing=args.target_spacing, federated_overrides=overrides)
     if len(candidates) > 1:
         if "validation" not in sets:
             print("--spacings needs validation cases (more cases per site)", file=sys.stderr)
