@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from client.dicom_import import MAPPING_FILE
+
 LIVER_CODE = ("10200004", "SCT", "Liver")
-MAPPING_FILE = "import_dicom_mapping.json"  # client.dicom_import's (not imported: pydicom-free there)
 
 
 class DicomSegError(ValueError):

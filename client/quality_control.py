@@ -23,17 +23,13 @@ import json
 import math
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from common.atomic_write import atomic_path
 
-#: The columns of OUT/predictions.csv, in order; other tools rely on the last three.
-COLUMNS = ("case", "phase", "file", "prediction", "volume_ml", "voxels", "components", "largest_share",
-           "agreement", "entropy", "centroid_left", "centroid_posterior", "centroid_superior",
-           "phase_volume_deviation", "qc_score", "qc", "qc_reasons")
 OK, REVIEW = "ok", "review"
 
 
@@ -60,9 +56,19 @@ class VolumeQC:
     qc_reasons: str = ""
 
     def row(self) -> dict[str, object]:
-        values = asdict(self)
+        """The CSV row: floats to 4 decimals, nan as an empty cell."""
         return {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else ("" if isinstance(v, float) else v))
-                for k, v in ((c, values[c]) for c in COLUMNS)}
+                for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_row(cls, row: dict[str, str]) -> VolumeQC:
+        """A `row()` read back from predictions.csv (an empty cell is nan)."""
+        parse = {"str": str, "int": int, "float": lambda t: float(t) if t != "" else float("nan")}
+        return cls(**{f.name: parse[f.type](row[f.name]) for f in fields(cls)})
+
+
+#: The columns of OUT/predictions.csv, in order (VolumeQC's fields); other tools rely on the last three.
+COLUMNS = tuple(f.name for f in fields(VolumeQC))
 
 
 def _ramp(margin: float, width: float) -> float:

@@ -25,13 +25,9 @@ from pathlib import Path
 
 from client.prediction_evaluation import EvaluateConfig, evaluate_predictions
 from client.qc_evaluation import FAILURE, GOOD, format_summary, plot_qc, qc_summary
-from client.quality_control import COLUMNS, QCReport, QCRules, VolumeQC
+from client.quality_control import QCReport, QCRules, VolumeQC
 
 TERMS = ("volume_ml", "largest_share", "agreement", "entropy", "centroid_left", "phase_volume_deviation")
-
-
-def _float(text: str) -> float:
-    return float(text) if text != "" else float("nan")
 
 
 def load_run(name: str, pred: Path, truth: Path) -> list[tuple[VolumeQC, float]]:
@@ -46,10 +42,7 @@ def load_run(name: str, pred: Path, truth: Path) -> list[tuple[VolumeQC, float]]
             dice = cases.get(row["case"], {}).get(row["phase"], {}).get("dice")
             if dice is None:
                 continue
-            kinds = {f.name: f.type for f in fields(VolumeQC)}
-            values = {k: (row[k] if kinds[k] == "str" else int(row[k]) if kinds[k] == "int" else _float(row[k]))
-                      for k in COLUMNS if k in kinds}
-            out.append((VolumeQC(**values), dice))
+            out.append((VolumeQC.from_row(row), dice))
     return out
 
 

@@ -165,8 +165,13 @@ def _training_config(data: Path, out: Path, centers: tuple[str, ...], iterations
                                threads=budget.threads, agreement_volumes=0, log_every=50, cache=cache)
 
 
+def _cache(folder: Path, data: Path, budget: Budget) -> Path:
+    """One preprocessing cache per tree and spacing, shared by every arm of the experiment."""
+    return folder.parents[1] / f"cache-{Path(data).name}-{budget.spacing}"
+
+
 def train_pooled(arm: Arm, data: Path, sites: Sequence[str], folder: Path, budget: Budget) -> list[Path]:
-    cache = folder.parents[1] / f"cache-{Path(data).name}-{budget.spacing}"
+    cache = _cache(folder, data, budget)
     config = _training_config(data, folder / "model", tuple(sites), budget.site_iterations, arm.mode, arm.seed,
                               budget, cache)
     in_fresh_process("train", train_locally, config, folder / "log.txt")
@@ -174,7 +179,7 @@ def train_pooled(arm: Arm, data: Path, sites: Sequence[str], folder: Path, budge
 
 
 def train_local(arm: Arm, data: Path, sites: Sequence[str], folder: Path, budget: Budget) -> list[Path]:
-    cache = folder.parents[1] / f"cache-{Path(data).name}-{budget.spacing}"
+    cache = _cache(folder, data, budget)
     models = []
     for site in sites:
         config = _training_config(data, folder / f"model-{site}", (site,), budget.per_site(len(sites)), arm.mode,
