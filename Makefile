@@ -13,15 +13,21 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	# pip compiles one file at a time, half of the install: compiled on every core instead (files
+	# that are not Python 3, shipped by some packages, fail there as they would under pip).
+	$(PY) -m pip install -q --no-compile -c constraints.txt -e ".[test]"
+	-$(PY) -m compileall -qq -j 0 $(VENV)/lib
 	$(PY) -m pip check
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m simulations.demo --run-dir $(RUN_DIR)
 
+# pytest-xdist: one worker per module (module fixtures run once), the longest modules first
+# (tests/conftest.py), so that real processes waiting on one another overlap with computing tests.
+PYTEST_WORKERS ?= 3
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # Every benchmark at the demo's and LiQA's size vs its baseline -> docs/benchmarks.md (BENCH_ARGS=--quick: a check)
 bench: $(STAMP)

@@ -56,9 +56,10 @@ class SiteWaitGrid:
             wall = time.perf_counter() - self._round_started[0]
             cpu = time.thread_time() - self._round_started[1]
             waited, waited_cpu = self.waiting_s - self._round_waited[0], self.waiting_cpu_s - self._round_waited[1]
+        rss = current_rss_mib()  # before the peak: memory may grow in other threads between the two reads
         return {"seconds": round(wall - waited, 3), "cpu-seconds": round(cpu - waited_cpu, 3),
                 "site-wait-seconds": round(waited, 3), "wait-cpu-seconds": round(waited_cpu, 3),
-                "peak-rss-mib": round(peak_rss_mib(), 1), "rss-mib": round(current_rss_mib(), 1)}
+                "peak-rss-mib": round(max(peak_rss_mib(), rss), 1), "rss-mib": round(rss, 1)}
 
 
 def peak_rss_mib() -> float:

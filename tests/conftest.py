@@ -1,11 +1,37 @@
 import os
 
 # Busy-waiting OpenMP threads slow torch down many times over when processes share the cores
-# (a CI runner, the Ray workers of a simulation); must be set before torch is imported.
+# (a CI runner, the Ray workers of a simulation, the other pytest-xdist workers); must be set
+# before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several workers share the cores: one torch thread each, inherited by the processes they start.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 import pytest  # noqa: E402
+
+# Modules that run for minutes, mostly waiting on real processes (heartbeat expiry, SuperLink
+# round trips, Ray start-up). Started first, each on its own xdist worker (`--dist loadfile`),
+# so that their waiting overlaps with the rest of the suite instead of ending it.
+LONGEST_FIRST = (
+    "test_faults.py",
+    "test_deploy_guide.py",
+    "test_simulation_e2e.py",
+    "test_real_federation.py",
+    "test_run_fails_fast.py",
+    "test_deploy_federation.py",
+    "test_federation.py",
+    "test_labeled_phases.py",
+    "test_dicom_seg.py",
+    "test_nnunet_export.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest modules first, the rest in collection order (a stable sort keeps each module's order)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture

@@ -263,7 +263,7 @@ def test_guide_executes_on_loopback(tmp_path: Path) -> None:
         run_dir = tmp_path / "run"
         _set_keys(state / "run.toml", {  # the coordinator's edit, made tiny
             "run-dir": str(run_dir), "num-server-rounds": 1, "local-iterations": 1, "node-wait": 40,
-            "round-timeout": 300, "evaluate-train-sites": False, "evaluate-step": 1.0})
+            "round-timeout": 300, "evaluate-train-sites": False, "evaluate-step": 1.0, "agreement-volumes": 0})
         out = shell.run("submit-check", adapt(the_block("submit-check"), at_state), tmp_path)
         assert "stunet_T4_synth.safetensors (shipped pretraining" in out, out
         assert "not online now: A, B1, B2, C" in out, out
