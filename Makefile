@@ -13,10 +13,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# pip compiles one file at a time, half of the install: compiled on every core instead (files
-	# that are not Python 3, shipped by some packages, fail there as they would under pip).
+	# pip compiles one file at a time, half of the install: compiled on every core instead (a few
+	# files that some packages ship are not Python 3; they fail there as they would under pip).
 	$(PY) -m pip install -q --no-compile -c constraints.txt -e ".[test]"
-	-$(PY) -m compileall -qq -j 0 $(VENV)/lib
+	$(PY) -m compileall -qq -j 0 $(VENV)/lib || true
 	$(PY) -m pip check
 	touch $(STAMP)
 

@@ -30,6 +30,7 @@ from client.evaluation import SiteEvaluation, evaluate_pairs, write_qualitative_
 from client.pipeline import site_volumes, trainer_config
 from client.site import SiteData, resolve_identity
 from client.trainer import CPSTrainer, TrainerConfig
+from client.update_encoding import update_encoding_mod
 from common.device import describe, resolve_device
 from common.federation_config import parse_sites
 from common.phases import parse_labeled_phases, parse_phase_list
@@ -37,7 +38,6 @@ from common.fingerprint import FingerprintConfig
 from common.planning import plans_hash
 from common.postprocessing import Postprocessing
 from common import run_config as schema
-from common.quantization import update_encoding_mod
 from common.scores import VALIDATION_PREFIX
 from common.splits import TEST, VALIDATION
 from common.stunet import build_stunet_from_plans

@@ -13,9 +13,7 @@ The server decodes against the model it sent (after fp16 transport: its fp16 rou
 values the site received). Flower 1.42 has no update codec of its own (its quantisation belongs
 to SecAgg+), hence this one.
 
-On the site, `update_encoding_mod` is the outermost mod of the train handler: the handler, Flower's
-`fixedclipping_mod` and the simulation's adversarial mod all see float32 arrays; this one puts the
-reply on the wire (int8 deltas with `int8-updates`, else float16 with `fp16-transport`, else float32).
+The site's side, which puts a reply on the wire this way, is `client/update_encoding.py`.
 """
 
 from __future__ import annotations
@@ -23,8 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.app import ArrayRecord
 
 from common.weights import from_arrayrecord, npy_array, npy_numpy, to_arrayrecord
 
@@ -90,18 +87,3 @@ def decode_int8_delta(record: ArrayRecord, reference: Mapping[str, np.ndarray]) 
 def decode_update(record: ArrayRecord, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A site's update as float32 arrays, whatever it travelled as (int8 deltas, fp16, fp32)."""
     return decode_int8_delta(record, reference) if is_int8_record(record) else from_arrayrecord(record)
-
-
-def update_encoding_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Train-handler mod (outermost): the float32 reply onto the wire as the round config says."""
-    reply = call_next(msg, ctxt)
-    if reply.has_error() or "arrays" not in reply.content.array_records:
-        return reply
-    config = msg.content["config"]
-    updated = from_arrayrecord(reply.content["arrays"])
-    if bool(config.get("int8-updates", False)):
-        encoded = encode_int8_delta(updated, from_arrayrecord(msg.content["arrays"]))
-    else:
-        encoded = to_arrayrecord(updated, fp16=bool(config.get("fp16-transport", False)))
-    reply.content["arrays"] = encoded
-    return reply

@@ -160,3 +160,12 @@ def test_common_imports_nothing_above_it():
     bad = sorted(f"{module} -> {target}" for module, targets in graph.items() if module.split(".")[0] == "common"
                  for target in targets if target.split(".")[0] in ABOVE_COMMON)
     assert not bad, "common/ must not import client/, server/, fedliver/, simulations/ or deploy/:\n" + "\n".join(bad)
+
+
+def test_client_and_server_import_no_launcher_or_experiment():
+    """The apps a site and the coordinator run carry no simulation, deployment or CLI code."""
+    graph = import_graph()
+    bad = sorted(f"{module} -> {target}" for module, targets in graph.items()
+                 if module.split(".")[0] in ("client", "server")
+                 for target in targets if target.split(".")[0] in ("simulations", "deploy", "fedliver"))
+    assert not bad, "client/ and server/ must not import simulations/, deploy/ or fedliver/:\n" + "\n".join(bad)

@@ -9,6 +9,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.metadata import Metadata
 
+from client.update_encoding import update_encoding_mod
 from common.quantization import (
     SCALES_KEY,
     VALUES_KEY,
@@ -17,7 +18,6 @@ from common.quantization import (
     dequantize_int8,
     encode_int8_delta,
     quantize_int8,
-    update_encoding_mod,
 )
 from common.stunet import build_stunet
 from common.weights import flatten, from_arrayrecord, record_nbytes, to_arrayrecord, update_problems
