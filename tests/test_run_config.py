@@ -194,7 +194,7 @@ def test_the_site_trains_with_what_the_server_configured(tmp_path):
 
 
 #: Where the sites read a message's config or the run config.
-SITE_SOURCES = ("client/client_app.py", "client/pipeline.py", "client/adversarial.py", "common/quantization.py")
+SITE_SOURCES = ("client/client_app.py", "client/pipeline.py", "client/adversarial.py", "client/update_encoding.py")
 READ = re.compile(r'(?<!node_)(run_)?config(?:\.get\(|\[)"([\w-]+)"|setting\(\w+(?:\.(run_config))?, "([\w-]+)"\)|(?<![\w.])get\("([\w-]+)"\)')
 
 
