@@ -11,9 +11,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 import pytest  # noqa: E402
 
-# Modules that run for minutes, mostly waiting on real processes (heartbeat expiry, SuperLink
-# round trips, Ray start-up). Started first, each on its own xdist worker (`--dist loadfile`),
-# so that their waiting overlaps with the rest of the suite instead of ending it.
+# Modules that run for minutes through real processes (heartbeat expiry, SuperLink round trips,
+# Ray start-up, fresh ClientApp processes). Started first, each on its own xdist worker
+# (`--dist loadfile`), so that the rest of the suite fills the cores beside them instead of
+# leaving one of them to run alone at the end.
 LONGEST_FIRST = (
     "test_faults.py",
     "test_deploy_guide.py",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.process import list_processes
 from simulations.demo import DemoConfig, parse_run_config, run_demo
 
 pytestmark = pytest.mark.e2e
@@ -22,12 +23,12 @@ def _tagged_processes(tag: str) -> set[int]:
     """Live processes started under this test (the tag is in their environment, which every child
     of Flower and Ray inherits), wherever they were reparented to; other tests' processes, which may
     run beside this one under pytest-xdist, are not counted."""
+    marker = f"{TAG}={tag}".encode()
     found = set()
-    for proc in Path("/proc").glob("[0-9]*"):
+    for pid, info in list_processes().items():
         try:
-            if f"{TAG}={tag}".encode() in (proc / "environ").read_bytes().split(b"\0") \
-                    and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                found.add(int(proc.name))
+            if info.state != "Z" and marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.add(pid)
         except OSError:  # gone meanwhile, or not ours to read
             continue
     return found
