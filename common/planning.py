@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +186,20 @@ def default_test_plans(patch_size=(16, 32, 32), spacing=(4.0, 3.0, 3.0), size: s
 
 
 # --------------------------------------------------------------------------------------------- planning
+@contextmanager
+def _pool_workers_from_fork_server() -> Iterator[None]:
+    """nnU-Net's planner opens a multiprocessing Pool. Forked from a process with other threads (a
+    ServerApp's Flower threads, a pytest-xdist worker's), a worker can inherit a held lock and block
+    forever, and planning hangs (seen at round 0 on loopback, and in the test suite): workers come
+    from a clean fork server while planning."""
+    start_method = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(start_method, force=True)
+
+
 def plan_from_fingerprint(fp: "SiteFingerprint", config: PlanningConfig | None = None,
                           timings: dict | None = None) -> dict:
     """Run nnU-Net's ExperimentPlanner on a merged fingerprint and adapt its plan to STU-Net.
@@ -210,9 +227,10 @@ def plan_from_fingerprint(fp: "SiteFingerprint", config: PlanningConfig | None =
         _write_placeholder_case(raw, dataset_json)
         _write_json(raw / "dataset.json", dataset_json)
         _write_json(pre / "dataset_fingerprint.json", nn_fp)
-        planner = ExperimentPlanner(config.dataset_name, gpu_memory_target_in_gb=config.gpu_memory_target_gb,
-                                    plans_name=PLANS_NAME)
-        nn_plans = _quiet(planner.plan_experiment)
+        with _pool_workers_from_fork_server():
+            planner = ExperimentPlanner(config.dataset_name, gpu_memory_target_in_gb=config.gpu_memory_target_gb,
+                                        plans_name=PLANS_NAME)
+            nn_plans = _quiet(planner.plan_experiment)
     if timings is not None:
         timings["planner_seconds"] = time.perf_counter() - started
 

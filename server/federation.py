@@ -14,7 +14,6 @@ Resuming a run folder continues after its last complete round with the same numb
 from __future__ import annotations
 
 import json
-import multiprocessing
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -198,21 +197,13 @@ class Federation:
             SiteFingerprint.from_arrays({k: a.numpy() for k, a in reply.content["fingerprint"].items()})
             for reply in replies.values()
         ]
-        # nnU-Net's planner opens a multiprocessing Pool. Forked from this process, whose Flower
-        # threads may hold a lock at that moment, a worker can block forever and the run hangs at
-        # round 0 (seen on loopback): workers come from a clean fork server while planning.
-        start_method = multiprocessing.get_start_method(allow_none=True)
-        multiprocessing.set_start_method("forkserver", force=True)
-        try:
-            plans, _ = plan_from_fingerprints(  # merged exactly, as `fedliver train` merges its centers
-                fingerprints,
-                PlanningConfig(
-                    size=self.config.net_size, base_width=self.config.base_width, patch_size=self.config.patch_size,
-                    batch_size=self.config.batch_size, spacing=self.config.target_spacing,
-                ),
-            )
-        finally:
-            multiprocessing.set_start_method(start_method, force=True)
+        plans, _ = plan_from_fingerprints(  # merged exactly, as `fedliver train` merges its centers
+            fingerprints,
+            PlanningConfig(
+                size=self.config.net_size, base_width=self.config.base_width, patch_size=self.config.patch_size,
+                batch_size=self.config.batch_size, spacing=self.config.target_spacing,
+            ),
+        )
         digest = self.run.save_plans(plans)
         configuration = plans["configurations"][CONFIGURATION]
         self.log(
